@@ -1,0 +1,165 @@
+"""Wrap a Hugging Face model with PEFT LoRA adapters, PiSSA-initialised, plus a frozen copy of the initial adapter.
+
+`get_balora_model` checks the request first (targets exist, are float Linear/Conv1D layers, r fits), so an impossible
+request fails before any weight is touched. It then adds the trainable adapter `"default"` (PiSSA or LoRA init) and a
+frozen adapter `"teacher"` holding the initial factors (A0, B0) and, for classification models, the initial head. With
+the teacher adapter active, the model computes W_res + B0·A0 = W: the exact pre-trained model at the cost of one extra
+adapter (see `balora.teacher`). The same initial factors turn the trained PiSSA adapter into a plain LoRA on W
+(`lora_state_dict_for_base`, rank 2r).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from balora.config import BALoRAConfig, Task
+from balora.pissa import apply_pissa
+
+ADAPTER = "default"
+TEACHER = "teacher"
+
+
+def detect_task(model: torch.nn.Module) -> Task:
+    """nlu for `*ForSequenceClassification` models, nlg for causal LMs; an error otherwise."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "nlu"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "nlg"
+    raise ValueError(
+        f"cannot tell the task of a {name}: balora supports *ForSequenceClassification (nlu) and causal LM (nlg) "
+        "models; set BALoRAConfig(task=...) only for one of those"
+    )
+
+
+def lora_config_for(model: torch.nn.Module, config: BALoRAConfig) -> LoraConfig:
+    """The PEFT LoraConfig of the trainable adapter (initialised by PEFT as plain LoRA; PiSSA is applied after)."""
+    task_type = TaskType.SEQ_CLS if config.task == "nlu" else TaskType.CAUSAL_LM
+    targets = config.target_modules
+    lora = LoraConfig(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(targets) if isinstance(targets, list) else targets,
+        modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
+        task_type=task_type,
+        init_lora_weights=True,
+    )
+    lora = _maybe_include_all_linear_layers(lora, model)
+    if any(isinstance(m, Conv1D) for _, m in _matched_modules(model, lora)):
+        lora.fan_in_fan_out = True
+    return lora
+
+
+def _matched_modules(model: torch.nn.Module, lora: LoraConfig) -> list[tuple[str, torch.nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if name and check_target_module_exists(lora, name)]
+
+
+def validate_targets(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
+    """Raise a clear error for an impossible request; return the names of the matched modules."""
+    matched = _matched_modules(model, lora)
+    if not matched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)})
+        raise ValueError(
+            f"target_modules={lora.target_modules!r} matches no module of this {type(model).__name__}; "
+            f"its Linear layers are named {linear}"
+        )
+    for name, module in matched:
+        if not isinstance(module, torch.nn.Linear | Conv1D):
+            raise ValueError(
+                f"target {name!r} is a {type(module).__name__}; balora adapts torch.nn.Linear and GPT-2 Conv1D layers "
+                "only. Name the Linear layers inside it instead."
+            )
+        weight = module.weight
+        if not weight.dtype.is_floating_point or type(weight) is not torch.nn.Parameter:
+            raise ValueError(
+                f"target {name!r} has a {weight.dtype} weight ({type(weight).__name__}): PiSSA needs a float, "
+                "unquantized weight. Load the model in float32/bfloat16, or quantize after initialisation."
+            )
+        out_f, in_f = (weight.shape[1], weight.shape[0]) if isinstance(module, Conv1D) else weight.shape
+        if lora.r > min(out_f, in_f):
+            raise ValueError(
+                f"rank r={lora.r} is larger than min(out, in)={min(out_f, in_f)} of target {name!r} "
+                f"({out_f}×{in_f}); lower r or drop this target"
+            )
+    return [name for name, _ in matched]
+
+
+def get_balora_model(model: torch.nn.Module, config: BALoRAConfig) -> PeftModel:
+    """Wrap `model` with a PiSSA (or LoRA) adapter and a frozen teacher adapter; returns a `peft.PeftModel`.
+
+    The returned model carries the resolved config as `model.balora_config`. Only the adapter `"default"` (and, for
+    classification, its head copy) is trainable.
+    """
+    if isinstance(model, PeftModel):
+        raise ValueError("model is already a PeftModel; pass the plain transformers model to get_balora_model")
+    task = config.task or detect_task(model)
+    config = config.resolve(task)
+    lora = lora_config_for(model, config)
+    validate_targets(model, lora)
+    if task == "nlu" and isinstance(model, PreTrainedModel) and not _has_head(model, lora):
+        raise ValueError(
+            f"no classification head named {_head_names(lora)} found in this {type(model).__name__}; add the head's "
+            "module name to modules_to_save"
+        )
+
+    peft_model = get_peft_model(model, lora)
+    if config.init == "pissa":
+        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+        for index, layer in enumerate(layers):
+            apply_pissa(
+                layer, ADAPTER, niter=config.svd_niter, oversample=config.init_oversample, seed=config.seed + index
+            )
+    _add_teacher_adapter(peft_model, lora)
+    peft_model.balora_config = config
+    return peft_model
+
+
+def _head_names(lora: LoraConfig) -> list[str]:
+    # PEFT's PeftModelForSequenceClassification adds "classifier" and "score" to modules_to_save itself.
+    return list(lora.modules_to_save or []) + ["classifier", "score"]
+
+
+def _has_head(model: torch.nn.Module, lora: LoraConfig) -> bool:
+    names = _head_names(lora)
+    return any(re.search(rf"(^|\.){re.escape(n)}$", name) for name, _ in model.named_modules() for n in names)
+
+
+@torch.no_grad()
+def _add_teacher_adapter(peft_model: PeftModel, lora: LoraConfig) -> None:
+    """Add the frozen `"teacher"` adapter: a copy of the initial trainable adapter and head."""
+    teacher_config = copy.deepcopy(lora)
+    teacher_config.init_lora_weights = False  # never run an init (PiSSA would SVD W_res and mutate the base again)
+    teacher_config.inference_mode = True
+    peft_model.add_adapter(TEACHER, teacher_config)
+    peft_model.set_adapter(ADAPTER)
+    params = dict(peft_model.named_parameters())
+    for name, param in params.items():
+        if f".{TEACHER}." in name or name.endswith(f".{TEACHER}"):
+            param.copy_(params[name.replace(f".{TEACHER}", f".{ADAPTER}")])
+            param.requires_grad_(False)
+
+
+def trainable_state_dict(peft_model: PeftModel, adapter: str = ADAPTER) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model, adapter_name=adapter)
+
+
+def lora_state_dict_for_base(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """The trained adapter as a plain LoRA on the *original* weights: ΔW = B A − B0 A0 = [B | −B0] [A ; A0].
+
+    The rank doubles (2r) and alpha doubles with it, so the scaling alpha/r is unchanged. Uses PEFT's own
+    `subtract_mutated_init` with the teacher adapter as the initial adapter (PEFT's
+    `path_initial_model_for_weight_conversion` mechanism, without the round trip through disk).
+    """
+    state = trainable_state_dict(peft_model, ADAPTER)
+    return peft_model.base_model.subtract_mutated_init(state, TEACHER, {})

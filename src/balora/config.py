@@ -1,0 +1,220 @@
+"""`BALoRAConfig`: the adapter and the loss settings of BA-LoRA, validated on creation.
+
+Presets from the paper (arXiv 2408.04556, Section 4 and Appendix): NLU λ = (0.15, 0.03, 0.03), k = 5; NLG
+λ = (0.025, 0.005, 0.005), k = 10, K = 20, T = 2. The NLG preset also turns on the weight schedules of the paper's
+public training script (λ1 cosine-decays to 0.1·λ1; λ2 and λ3 are 0 for the first 20 % of steps, then ramp linearly
+over 5 %).
+
+Fields left as `None` are filled from the preset of the chosen `method` and task by `resolve()`, which
+`get_balora_model` calls once the task (NLU or NLG) is known from the model class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Method = Literal["lora", "pissa", "balora"]
+Task = Literal["nlu", "nlg"]
+InitMethod = Literal["lora", "pissa"]
+ConsistencySchedule = Literal["constant", "cosine"]
+RegularizerSchedule = Literal["constant", "two_phase"]
+SvdMethod = Literal["randomized", "exact", "hidden"]
+
+CONFIG_NAME = "balora_config.json"
+
+# (λ1, λ2, λ3, svd_top_k, consistency schedule, regularizer schedule)
+PRESETS: dict[Task, tuple[float, float, float, int, ConsistencySchedule, RegularizerSchedule]] = {
+    "nlu": (0.15, 0.03, 0.03, 5, "constant", "constant"),
+    "nlg": (0.025, 0.005, 0.005, 10, "cosine", "two_phase"),
+}
+
+
+@dataclass
+class BALoRAConfig:
+    """Settings of a BA-LoRA (or LoRA / PiSSA baseline) fine-tune. Every field has help text in its metadata."""
+
+    method: Method = field(
+        default="balora",
+        metadata={"help": "lora: B=0 init, no regularizers; pissa: PiSSA init, no regularizers; balora: PiSSA + 3 terms."},
+    )
+    task: Task | None = field(
+        default=None, metadata={"help": "nlu (sequence classification/regression) or nlg (causal LM); None: from model."}
+    )
+    # -- adapter -------------------------------------------------------------------------------------------------
+    r: int = field(default=8, metadata={"help": "Adapter rank r."})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; scaling = alpha / r. None: alpha = r."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input (off in the teacher)."})
+    target_modules: list[str] | str = field(
+        default="all-linear",
+        metadata={"help": "Module names (suffixes) or a regex to adapt; 'all-linear' = every Linear/Conv1D but the head."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules trained in full (a sequence-classification head is added)."}
+    )
+    init: InitMethod | None = field(
+        default=None, metadata={"help": "Adapter init: lora (B = 0) or pissa (top-r SVD). None: from method."}
+    )
+    svd_niter: int | None = field(
+        default=None,
+        metadata={"help": "PiSSA init: None = exact SVD; an int = randomized SVD with that many power iterations."},
+    )
+    init_oversample: int = field(default=8, metadata={"help": "PiSSA randomized init: extra sketch columns."})
+    seed: int = field(default=0, metadata={"help": "Seed of the randomized PiSSA init."})
+    # -- loss ----------------------------------------------------------------------------------------------------
+    consistency_weight: float | None = field(default=None, metadata={"help": "λ1: weight of the consistency term."})
+    diversity_weight: float | None = field(default=None, metadata={"help": "λ2: weight of the diversity term."})
+    svd_weight: float | None = field(default=None, metadata={"help": "λ3: weight of the SVD term."})
+    temperature: float = field(default=2.0, metadata={"help": "T: softmax temperature of the consistency KL."})
+    svd_top_k: int | None = field(default=None, metadata={"help": "k: singular values the SVD term concentrates on."})
+    entropy_top_k: int = field(default=20, metadata={"help": "K: candidate tokens of the NLG diversity entropy."})
+    svd_oversample: int = field(default=5, metadata={"help": "NLG randomized SVD term: sketch size q = k + this."})
+    svd_loss_niter: int = field(default=2, metadata={"help": "NLG randomized SVD term: power iterations."})
+    svd_method: SvdMethod = field(
+        default="randomized",
+        metadata={"help": "NLG SVD term: randomized (paper), exact on the logits, or hidden (exact, frozen head)."},
+    )
+    consistency_schedule: ConsistencySchedule | None = field(
+        default=None, metadata={"help": "λ1 over training: constant or cosine decay to final ratio. None: preset."}
+    )
+    consistency_final_ratio: float = field(default=0.1, metadata={"help": "Cosine schedule: final λ1 / λ1."})
+    regularizer_schedule: RegularizerSchedule | None = field(
+        default=None, metadata={"help": "λ2, λ3 over training: constant or two_phase (off, then linear ramp)."}
+    )
+    regularizer_start: float = field(default=0.2, metadata={"help": "two_phase: fraction of steps with λ2 = λ3 = 0."})
+    regularizer_ramp: float = field(default=0.05, metadata={"help": "two_phase: fraction of steps of the linear ramp."})
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, ("lora", "pissa", "balora"))
+        if self.task is not None:
+            _check_choice("task", self.task, ("nlu", "nlg"))
+        if self.init is not None:
+            _check_choice("init", self.init, ("lora", "pissa"))
+        _check_choice("svd_method", self.svd_method, ("randomized", "exact", "hidden"))
+        if self.consistency_schedule is not None:
+            _check_choice("consistency_schedule", self.consistency_schedule, ("constant", "cosine"))
+        if self.regularizer_schedule is not None:
+            _check_choice("regularizer_schedule", self.regularizer_schedule, ("constant", "two_phase"))
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if not self.target_modules:
+            raise ValueError("target_modules is empty; name the modules to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+        _check_int("r", self.r, 1)
+        _check_int("init_oversample", self.init_oversample, 0)
+        _check_int("entropy_top_k", self.entropy_top_k, 1)
+        _check_int("svd_oversample", self.svd_oversample, 0)
+        _check_int("svd_loss_niter", self.svd_loss_niter, 0)
+        if self.svd_niter is not None:
+            _check_int("svd_niter", self.svd_niter, 0)
+        if self.svd_top_k is not None:
+            _check_int("svd_top_k", self.svd_top_k, 1)
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a positive number; got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+        for name in ("consistency_weight", "diversity_weight", "svd_weight"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0 (0 turns the term off); got {value!r}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0; got {self.temperature!r}")
+        for name in ("consistency_final_ratio", "regularizer_start", "regularizer_ramp"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]; got {value!r}")
+        if self.method != "balora" and any(
+            getattr(self, n) for n in ("consistency_weight", "diversity_weight", "svd_weight")
+        ):
+            raise ValueError(
+                f"method={self.method!r} trains without regularizers, but a regularizer weight is set; use "
+                "method='balora' (and init='lora' for an ablation on a LoRA-initialised adapter)"
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.r if self.alpha is None else self.alpha)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def resolve(self, task: Task) -> BALoRAConfig:
+        """A copy with the task set and every `None` filled from the method's preset for that task."""
+        if self.task is not None and self.task != task:
+            raise ValueError(f"config says task={self.task!r} but the model is a {task!r} model")
+        l1, l2, l3, k, c_sched, r_sched = PRESETS[task]
+        on = self.method == "balora"
+
+        def pick(value: Any, preset: Any) -> Any:
+            return preset if value is None else value
+
+        return dataclasses.replace(
+            self,
+            task=task,
+            init=pick(self.init, "lora" if self.method == "lora" else "pissa"),
+            consistency_weight=pick(self.consistency_weight, l1 if on else 0.0),
+            diversity_weight=pick(self.diversity_weight, l2 if on else 0.0),
+            svd_weight=pick(self.svd_weight, l3 if on else 0.0),
+            svd_top_k=pick(self.svd_top_k, k),
+            consistency_schedule=pick(self.consistency_schedule, c_sched),
+            regularizer_schedule=pick(self.regularizer_schedule, r_sched),
+        )
+
+    def weights_at(self, progress: float) -> tuple[float, float, float]:
+        """(λ1, λ2, λ3) at `progress` = step / total steps in [0, 1], following the schedules."""
+        if self.consistency_weight is None or self.diversity_weight is None or self.svd_weight is None:
+            raise ValueError("call resolve(task) before weights_at(): the loss weights are not set yet")
+        p = min(max(progress, 0.0), 1.0)
+        l1 = self.consistency_weight
+        if self.consistency_schedule == "cosine":
+            floor = self.consistency_final_ratio * l1
+            l1 = floor + (l1 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+        ramp = 1.0
+        if self.regularizer_schedule == "two_phase":
+            if p < self.regularizer_start:
+                ramp = 0.0
+            elif self.regularizer_ramp > 0:
+                ramp = min(1.0, (p - self.regularizer_start) / self.regularizer_ramp)
+        return l1, self.diversity_weight * ramp, self.svd_weight * ramp
+
+    # ------------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BALoRAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown BALoRAConfig key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> BALoRAConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is this a balora run or adapter directory?")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}; got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")

@@ -1,0 +1,1 @@
+"""Task data: prompt templates, GLUE and instruction datasets, collators."""

@@ -1,0 +1,1 @@
+"""Evaluation: GLUE metrics, answer checking for math, sandboxed execution of generated code."""
