@@ -11,10 +11,13 @@ adapter (see `balora.teacher`). The same initial factors turn the trained PiSSA 
 from __future__ import annotations
 
 import copy
+import os
 import re
+from pathlib import Path
+from typing import Literal
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 from transformers import PreTrainedModel
@@ -54,6 +57,13 @@ def lora_config_for(model: torch.nn.Module, config: BALoRAConfig) -> LoraConfig:
         init_lora_weights=True,
     )
     lora = _maybe_include_all_linear_layers(lora, model)
+    if config.task == "nlu" and isinstance(lora.target_modules, set):
+        # 'all-linear' keeps the Linear layers *inside* a head such as RoBERTa's classifier.dense/out_proj; the head
+        # is trained in full (modules_to_save), so it gets no adapter.
+        heads = _head_names(lora)
+        lora.target_modules = {
+            n for n in lora.target_modules if not any(f".{h}." in f".{n}." for h in heads)
+        }
     if any(isinstance(m, Conv1D) for _, m in _matched_modules(model, lora)):
         lora.fan_in_fan_out = True
     return lora
@@ -148,18 +158,55 @@ def _add_teacher_adapter(peft_model: PeftModel, lora: LoraConfig) -> None:
             param.requires_grad_(False)
 
 
-def trainable_state_dict(peft_model: PeftModel, adapter: str = ADAPTER) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(peft_model, adapter_name=adapter)
-
-
 def lora_state_dict_for_base(peft_model: PeftModel) -> dict[str, torch.Tensor]:
     """The trained adapter as a plain LoRA on the *original* weights: ΔW = B A − B0 A0 = [B | −B0] [A ; A0].
 
-    The rank doubles (2r) and alpha doubles with it, so the scaling alpha/r is unchanged. Uses PEFT's own
-    `subtract_mutated_init` with the teacher adapter as the initial adapter (PEFT's
-    `path_initial_model_for_weight_conversion` mechanism, without the round trip through disk).
+    The rank doubles (2r) and alpha doubles with it, so the scaling alpha/r is unchanged. The LoRA factors come from
+    PEFT's own `subtract_mutated_init` with the teacher adapter as the initial adapter (PEFT's
+    `path_initial_model_for_weight_conversion` mechanism, without the round trip through disk); fully trained modules
+    (a classification head) are kept as they are.
     """
-    state = trainable_state_dict(peft_model, ADAPTER)
-    return peft_model.base_model.subtract_mutated_init(state, TEACHER, {})
+    state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER)
+    converted = peft_model.base_model.subtract_mutated_init(state, TEACHER, {})
+    return {**state, **converted}
+
+
+AdapterForm = Literal["lora", "pissa"]
+
+
+def save_adapter(peft_model: PeftModel, directory: str | os.PathLike[str], *, form: AdapterForm = "lora") -> Path:
+    """Save the trained adapter in PEFT's format (safetensors + adapter_config.json) plus `balora_config.json`.
+
+    `form="lora"` (default): a plain LoRA of rank 2r that applies to the original, unmodified base model, so
+    `PeftModel.from_pretrained(base, directory)` reproduces the trained model. `form="pissa"`: the rank-r adapter as
+    trained, which applies to the residual weights W_res only (rebuild them with the same PiSSA init first).
+    With a LoRA init (B0 = 0) both forms describe the same update. Each file is written to a temporary name first.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    lora = copy.deepcopy(peft_model.peft_config[ADAPTER])
+    if form == "lora":
+        state = lora_state_dict_for_base(peft_model)
+        lora.r *= 2
+        lora.lora_alpha *= 2
+        lora.rank_pattern = {k: 2 * v for k, v in (lora.rank_pattern or {}).items()}
+        lora.alpha_pattern = {k: 2 * v for k, v in (lora.alpha_pattern or {}).items()}
+    elif form == "pissa":
+        state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER)
+    else:
+        raise ValueError(f"form must be 'lora' or 'pissa'; got {form!r}")
+    lora.init_lora_weights = True
+    lora.inference_mode = True
+    if lora.base_model_name_or_path is None:
+        lora.base_model_name_or_path = getattr(peft_model.base_model.model, "name_or_path", None) or None
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    tmp = out / "adapter_model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "adapter_model.safetensors")
+    lora.save_pretrained(str(out))
+    config = getattr(peft_model, "balora_config", None)
+    if config is not None:
+        config.save(out, adapter_form=form)
+    return out

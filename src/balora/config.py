@@ -194,11 +194,13 @@ class BALoRAConfig:
             raise ValueError(f"unknown BALoRAConfig key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**values)
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, **extra: Any) -> Path:
+        """Write `balora_config.json`; `extra` keys are stored with a leading underscore and ignored by `load`."""
         path = Path(directory) / CONFIG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        values = {**self.to_dict(), **{f"_{k}": v for k, v in extra.items()}}
+        tmp.write_text(json.dumps(values, indent=2) + "\n")
         tmp.replace(path)
         return path
 
@@ -207,7 +209,8 @@ class BALoRAConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is this a balora run or adapter directory?")
-        return cls.from_dict(json.loads(path.read_text()))
+        values = json.loads(path.read_text())
+        return cls.from_dict({k: v for k, v in values.items() if not k.startswith("_")})
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

