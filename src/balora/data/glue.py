@@ -215,7 +215,7 @@ def _text(rec: Mapping[str, Any], name: str) -> str:
 def _label(value: Any, spec: TaskSpec) -> int | float:
     if value is None:
         raise DataError(f"missing label field {spec.label_field!r}")
-    if isinstance(value, str):  # csv/tsv cells are text
+    if isinstance(value, str):  # csv/tsv cells are text; a numeric string is read as its number everywhere
         try:
             value = float(value) if spec.regression else int(value)
         except ValueError:

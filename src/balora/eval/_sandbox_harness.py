@@ -2,8 +2,9 @@
 
 The process started by the sandbox is a small supervisor. It sets the resource limits, becomes a child subreaper, and
 forks the process that runs the untrusted program, so that the program's parent (`os.getppid()`) is this disposable
-supervisor and never the evaluation process. After the program ends, the supervisor kills whatever the program left
-behind (orphans are re-parented to it) and exits with the program's status.
+supervisor and never the evaluation process. After the program ends (or, on SIGTERM from the sandbox's timeout, after
+killing it), the supervisor kills whatever the program left behind, including processes that left its session (as a
+subreaper, orphans are re-parented to it), and exits with the program's status.
 
 The program process reads a random token from a pipe, closes that pipe, optionally installs the audit-hook guard,
 runs the program, and writes `PASS <token>` on a second pipe only after the whole program (tests included) returned.
@@ -183,6 +184,7 @@ def _kill_descendants() -> None:
 
 def _run_program(config: dict) -> None:
     """Runs in the forked program process; never returns."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     write, exit_now = os.write, os._exit  # kept before the program can monkeypatch os
     result_fd = config["result_fd"]
     token = os.read(config["token_fd"], 256)
@@ -221,7 +223,14 @@ def main() -> None:
     config = json.loads(sys.argv[1])
     _set_limits(config["limits"])
     _become_subreaper()
-    pid = os.fork()
+    program_pid = 0
+
+    def on_terminate(signum: int, frame: object) -> None:  # the sandbox's timeout: end the program, then clean up
+        if program_pid:
+            os.kill(program_pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, on_terminate)
+    pid = program_pid = os.fork()
     if pid == 0:
         _run_program(config)
     os.close(config["token_fd"])

@@ -42,6 +42,7 @@ Status = Literal["passed", "failed", "timeout", "killed", "error"]
 
 _HARNESS = Path(__file__).with_name("_sandbox_harness.py")
 _RESULT_CAP = 64 * 1024
+_CLEANUP_GRACE_S = 2.0
 _SIGNAL_REASONS = {
     signal.SIGXCPU: "CPU time limit exceeded (SIGXCPU)",
     signal.SIGXFSZ: "file size limit exceeded (SIGXFSZ)",
@@ -162,6 +163,8 @@ def _read_available(fd: int) -> bytes:
 
 
 def _tail(path: Path, chars: int) -> str:
+    if not path.is_file():  # an unguarded program may delete its own output file
+        return ""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - 4 * chars))
@@ -170,7 +173,9 @@ def _tail(path: Path, chars: int) -> str:
 
 def _remove_tree(path: Path) -> None:
     # A program may leave read-only directories behind (as a non-root user rmtree then fails): open them up, retry.
-    def make_writable_and_retry(func, failed_path, _exc_info):  # noqa: ANN001 - shutil's onerror signature
+    def make_writable_and_retry(func, failed_path, exc_info):  # noqa: ANN001 - shutil's onerror signature
+        if issubclass(exc_info[0], FileNotFoundError):  # an unguarded program may delete its own directory
+            return
         os.chmod(os.path.dirname(failed_path), 0o700)
         if os.path.isdir(failed_path):
             os.chmod(failed_path, 0o700)
@@ -263,8 +268,11 @@ def run_program(
             fds.remove(fd)
         try:
             timed_out = _wait(proc, timeout)
+            if timed_out:  # the supervisor kills the program and all its descendants, then exits
+                proc.terminate()
+                _wait(proc, _CLEANUP_GRACE_S)
         finally:
-            _kill_session(proc.pid)  # also on KeyboardInterrupt: nothing outlives the evaluation
+            _kill_session(proc.pid)  # also on KeyboardInterrupt, or if the program killed the supervisor
             proc.wait()
         records = _read_available(result_r).split(b"\n")
         status, reason = _classify(timed_out, proc.returncode, records, token, timeout)

@@ -1,0 +1,138 @@
+"""The `balora` command: train, eval, export and demo (also `python -m balora ...`).
+
+    balora train CONFIG.yaml [--resume] [--section.key value ...]
+    balora eval CONFIG.yaml | --run RUN_DIR [--task gsm8k|math|mbpp|humaneval|perplexity] [--samples FILE]
+    balora export RUN_DIR --to lora|merged OUT
+    balora demo [--output-dir DIR]
+
+Errors in the input (a bad config key, a malformed data row, a missing model) print one clear message and exit 2;
+a failure while running exits 1; Ctrl-C exits 130 and a training run continues with --resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+GENERATION_TASKS = ("gsm8k", "math", "mbpp", "humaneval", "perplexity")
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from balora.data.glue import DataError
+    from balora.experiment import ConfigError
+    from balora.models import ModelLoadError
+
+    return (ConfigError, DataError, ModelLoadError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from balora.experiment import help_text
+
+    parser = argparse.ArgumentParser(prog="balora", description="BA-LoRA fine-tuning for Hugging Face models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train", help="fine-tune from a YAML experiment", epilog=help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="balora train CONFIG.yaml [--resume] [--section.key value ...]",
+    )
+    train.add_argument("config", help="experiment YAML file (see configs/)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+
+    ev = sub.add_parser("eval", help="evaluate a run, a base model, or completions made elsewhere")
+    ev.add_argument("config", nargs="?", help="experiment YAML (evaluates the base model, no adapter)")
+    ev.add_argument("--run", help="a run directory written by `balora train` (base model + its adapter)")
+    ev.add_argument("--task", choices=GENERATION_TASKS, help="NLG benchmark; default: the config's validation split")
+    ev.add_argument("--samples", help="score this JSONL of completions (task_id, completion); loads no model")
+    ev.add_argument("--data-file", help="benchmark data file (default: the bundled copy where there is one)")
+    ev.add_argument("--limit", type=int, help="evaluate the first N problems only")
+    ev.add_argument("--batch-size", type=int, default=8, help="generation batch size (default 8)")
+    ev.add_argument("--max-new-tokens", type=int, default=512, help="generation length (default 512)")
+    ev.add_argument("--n-samples", type=int, default=1, help="samples per problem for pass@k (default 1: greedy)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="sampling temperature when --n-samples > 1")
+    ev.add_argument("--output-dir", help="where to write results (default: RUN_DIR/eval-TASK or eval-TASK)")
+
+    ex = sub.add_parser("export", help="export a run's adapter as plain LoRA or as a merged model")
+    ex.add_argument("run_dir", help="a run directory written by `balora train`")
+    ex.add_argument("--to", choices=("lora", "merged"), required=True, help="lora: PEFT adapter on the original "
+                    "base (rank 2r for PiSSA); merged: a full model with the adapter merged in")
+    ex.add_argument("out", help="output folder")
+
+    demo = sub.add_parser("demo", help="offline demo: PiSSA vs BA-LoRA on MiniLM + SST-2 (a few minutes on a CPU)")
+    demo.add_argument("--config", default=str(DEMO_CONFIG), help="demo experiment (default configs/demo.yaml)")
+    demo.add_argument("--output-dir", default="runs/demo", help="where the two runs and plots go")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "train":
+            return cmd_train(args, rest)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "export":
+            return cmd_export(args)
+        return cmd_demo(args)
+    except KeyboardInterrupt:
+        print("\nbalora: interrupted; run the same command with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    except _input_errors() as error:
+        print(f"balora: error: {error}", file=sys.stderr)
+        return 2
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    import yaml
+
+    from balora.experiment import load_experiment
+    from balora.run import train_experiment
+
+    experiment, _ = load_experiment(args.config, overrides)
+    print("# resolved experiment\n" + yaml.safe_dump(experiment.to_dict(), sort_keys=False), flush=True)
+    result = train_experiment(experiment, resume=args.resume)
+    print(f"balora: done. {_headline(result['metrics'])}; run written to {result['run_dir']}")
+    return 0
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    shown = {k: v for k, v in metrics.items() if k.startswith("eval_") and k.split("_", 1)[1] not in
+             ("runtime", "samples_per_second", "steps_per_second")}
+    return ", ".join(f"{k} = {v:.4f}" for k, v in shown.items()) or "no validation split"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from balora.evaluate import evaluate_command
+
+    result = evaluate_command(args)
+    print(f"balora: {result}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from balora.evaluate import export_run
+
+    out = export_run(Path(args.run_dir), args.to, Path(args.out))
+    print(f"balora: exported {args.to} to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from balora.demo import run_demo
+
+    run_demo(Path(args.config), Path(args.output_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

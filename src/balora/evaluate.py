@@ -1,0 +1,116 @@
+"""`balora eval` and `balora export`: evaluate a base model or a trained run; export a run's adapter."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from balora.eval.files import write_json_atomic
+from balora.experiment import ConfigError, Experiment, build_experiment, load_experiment
+from balora.run import evaluate_splits, load_model_for, prepare_data, task_spec_for
+
+
+def load_run(run_dir: Path) -> tuple[Experiment, Any, Any]:
+    """(experiment, model with the run's adapter, tokenizer) of a run directory written by `balora train`."""
+    from peft import PeftModel
+
+    config, adapter = run_dir / "config.yaml", run_dir / "adapter"
+    if not config.is_file() or not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a finished balora run (needs config.yaml and adapter/adapter_config.json); "
+            "train it with `balora train CONFIG.yaml` first"
+        )
+    experiment = build_experiment(yaml.safe_load(config.read_text()))
+    spec = None if experiment.is_nlg else task_spec_for(experiment)
+    base, tokenizer = load_model_for(experiment, spec)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    return experiment, model.eval(), tokenizer
+
+
+def evaluate_command(args: argparse.Namespace) -> str:
+    if args.samples:
+        if not args.task:
+            raise ConfigError("--samples needs --task (gsm8k, math, mbpp or humaneval)")
+        from balora.eval.tasks import score_samples
+
+        out = Path(args.output_dir or f"eval-{args.task}")
+        summary = score_samples(args.task, args.samples, data_file=args.data_file, out_dir=out)
+        return f"{args.task}: {_summary_line(summary)}; results in {out}"
+    if bool(args.run) == bool(args.config):
+        raise ConfigError("give either a config file (evaluates the base model) or --run RUN_DIR, not both or none")
+    if args.run:
+        run_dir = Path(args.run)
+        experiment, model, tokenizer = load_run(run_dir)
+        out = Path(args.output_dir or run_dir / f"eval-{args.task or 'validation'}")
+    else:
+        experiment, _ = load_experiment(args.config)
+        spec = None if experiment.is_nlg else task_spec_for(experiment)
+        model, tokenizer = load_model_for(experiment, spec)
+        out = Path(args.output_dir or Path(experiment.output_dir) / f"eval-base-{args.task or 'validation'}")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.task:
+        from balora.eval.tasks import evaluate_generation
+
+        summary = evaluate_generation(
+            model, tokenizer, args.task, data_file=args.data_file, limit=args.limit, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, template=experiment.data.template, n_samples=args.n_samples,
+            temperature=args.temperature, out_dir=out,
+        )
+        return f"{args.task}: {_summary_line(summary)}; results in {out}"
+    metrics = evaluate_validation(experiment, model, tokenizer, out)
+    shown = ", ".join(f"{k} = {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "runtime" not in k
+                      and "per_second" not in k)
+    return f"{shown}; metrics in {out / 'metrics.json'}"
+
+
+def _summary_line(summary: dict[str, Any]) -> str:
+    keys = [k for k in summary if k.startswith(("accuracy", "pass@", "perplexity"))]
+    return ", ".join(f"{k} = {summary[k]:.4f}" for k in keys) or str(summary)
+
+
+def evaluate_validation(experiment: Experiment, model: Any, tokenizer: Any, out: Path) -> dict[str, Any]:
+    """The task's validation metrics (NLU) or validation loss (NLG) with a plain Trainer; written to out."""
+    from transformers import Trainer
+
+    args = experiment.training_arguments(output_dir=str(out))
+    prepared = prepare_data(experiment, tokenizer, None, args.seed)
+    if not prepared["eval"]:
+        raise ConfigError("this experiment has no validation split; set data.validation_file")
+    trainer = Trainer(model=model, args=args, data_collator=prepared["collator"],
+                      compute_metrics=prepared["compute_metrics"], processing_class=tokenizer)
+    metrics = evaluate_splits(trainer, prepared["eval"])
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+def export_run(run_dir: Path, to: str, out: Path) -> Path:
+    """`lora`: the run's adapter (already a plain LoRA on the original base); `merged`: base + adapter merged."""
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new output folder")
+    if to == "lora":
+        adapter = run_dir / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter} holds no adapter; is {run_dir} a finished balora run?")
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(adapter, tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.replace(out)
+        return out
+    if to != "merged":
+        raise ConfigError(f"--to must be lora or merged; got {to!r}")
+    _, model, tokenizer = load_run(run_dir)
+    merged = model.merge_and_unload()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        out.rmdir()
+    tmp.replace(out)
+    return out
