@@ -63,6 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "base (rank 2r for PiSSA); merged: a full model with the adapter merged in")
     ex.add_argument("out", help="output folder")
 
+    cmp = sub.add_parser(
+        "compare", help="methods × seeds × label noise from one experiment, with diagnostics (resumable)",
+        usage="balora compare CONFIG.yaml --methods lora,pissa,balora --seeds 3 [--label-noise 0,0.2,0.4] "
+              "[--output-dir DIR] [--section.key value ...]",
+    )
+    cmp.add_argument("config", help="experiment YAML file (see configs/compare/)")
+    cmp.add_argument("--methods", default="lora,pissa,balora", help="comma list of lora, pissa, balora, "
+                     "balora-nosvd (balora without the SVD term); default lora,pissa,balora")
+    cmp.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma list of seeds (default 3)")
+    cmp.add_argument("--label-noise", default="0", help="comma list of label-noise rates (default 0)")
+    cmp.add_argument("--output-dir", help="where runs and comparison.{md,json,png} go (default: the config's)")
+    cmp.add_argument("--eval-task", choices=GENERATION_TASKS[:-1], help="NLG: benchmark scored after each run")
+    cmp.add_argument("--eval-limit", type=int, help="NLG: first N benchmark problems only")
+    cmp.add_argument("--eval-max-new-tokens", type=int, help="NLG: generation length (default: the task's)")
+    cmp.add_argument("--drift-samples", type=int, default=64, help="NLG: Alpaca rows for the drift (default 64)")
+
+    dg = sub.add_parser("diagnose", help="knowledge drift, representation collapse and noise memorisation of a run")
+    dg.add_argument("run_dir", help="a run directory written by `balora train`")
+    dg.add_argument("--drift-file", help="NLG: general instruction data for the drift (default: Alpaca demo data)")
+    dg.add_argument("--drift-samples", type=int, default=64, help="NLG: rows of the drift data (default 64)")
+    dg.add_argument("--batch-size", type=int, default=32, help="forward batch size (default 32)")
+
     demo = sub.add_parser("demo", help="offline demo: PiSSA vs BA-LoRA on MiniLM + SST-2 (a few minutes on a CPU)")
     demo.add_argument("--config", default=str(DEMO_CONFIG), help="demo experiment (default configs/demo.yaml)")
     demo.add_argument("--output-dir", default="runs/demo", help="where the two runs and plots go")
@@ -73,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":
+    if rest and args.command not in ("train", "compare"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "train":
@@ -82,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "compare":
+            return cmd_compare(args, rest, argv)
+        if args.command == "diagnose":
+            return cmd_diagnose(args)
         return cmd_demo(args)
     except KeyboardInterrupt:
         print("\nbalora: interrupted; run the same command with --resume to continue from the last checkpoint",
@@ -124,6 +150,33 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_run(Path(args.run_dir), args.to, Path(args.out))
     print(f"balora: exported {args.to} to {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, overrides: list[str], argv: list[str] | None) -> int:
+    from balora.compare import compare, parse_methods, parse_noise, parse_seeds
+
+    words = sys.argv[1:] if argv is None else argv
+    result = compare(
+        args.config, methods=parse_methods(args.methods), seeds=parse_seeds(args.seeds),
+        noises=parse_noise(args.label_noise), output_dir=args.output_dir, overrides=overrides,
+        eval_task=args.eval_task, eval_limit=args.eval_limit, eval_max_new_tokens=args.eval_max_new_tokens,
+        diagnose_options={"drift_samples": args.drift_samples}, command=" ".join(["balora", *words]),
+    )
+    print(f"balora: compared {len(result['runs'])} runs; comparison.md, .json and .png in {result['output_dir']}")
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    import json
+
+    from balora.diagnose import diagnose_run
+
+    result = diagnose_run(Path(args.run_dir), drift_file=args.drift_file, drift_samples=args.drift_samples,
+                          batch_size=args.batch_size)
+    shown = {k: v for k, v in result.items() if k != "samples"}
+    print(json.dumps(shown, indent=1))
+    print(f"balora: diagnostics written to {Path(args.run_dir) / 'diagnostics.json'}")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -173,8 +174,12 @@ def _hints(cls: type) -> dict[str, Any]:
         return {}
 
 
-def build_experiment(raw: dict[str, Any]) -> Experiment:
-    """Validate a parsed YAML mapping and build the experiment (no model is loaded)."""
+def build_experiment(raw: dict[str, Any], *, check_hardware: bool = True) -> Experiment:
+    """Validate a parsed YAML mapping and build the experiment (no model is loaded).
+
+    `check_hardware=False` validates the training section as if bf16/fp16 were off, for checking a GPU experiment
+    on a machine without one.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"an experiment file must be a YAML mapping with keys {list(TOP_LEVEL)}; got {type(raw).__name__}")
     for key in raw:
@@ -204,8 +209,24 @@ def build_experiment(raw: dict[str, Any]) -> Experiment:
     if not isinstance(output_dir, str) or not output_dir:
         raise ConfigError("output_dir is missing: set it to the folder where the run is written, e.g. runs/sst2")
     experiment = Experiment(output_dir=output_dir, training=dict(training), **built)
-    experiment.training_arguments()  # TrainingArguments validates its own ranges and combinations
+    # TrainingArguments validates its own ranges and combinations (and whether this machine supports bf16/fp16)
+    experiment.training_arguments(**({} if check_hardware else {"bf16": False, "fp16": False}))
     return experiment
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but `1e-4` (no dot) is a float, as in YAML 1.2 and Python; YAML 1.1 makes it a string."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -223,7 +244,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(
                 f"override {flag!r} must name a section and key, e.g. --balora.r 16, --training.seed 1 or --output_dir D"
             )
-        value = yaml.safe_load(text)
+        value = _load_yaml(text)
         if len(path) == 1:
             result[path[0]] = value
         else:
@@ -234,17 +255,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> tuple[Experiment, dict[str, Any]]:
+def load_experiment(
+    path: str | Path, overrides: list[str] | None = None, *, check_hardware: bool = True
+) -> tuple[Experiment, dict[str, Any]]:
     """Read, override and validate an experiment file; returns the experiment and the resolved raw mapping."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file {str(file)!r} does not exist; see configs/ for examples")
     try:
-        raw = yaml.safe_load(file.read_text()) or {}
+        raw = _load_yaml(file.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{file}: not valid YAML: {error}") from error
     raw = apply_overrides(raw, overrides or [])
-    return build_experiment(raw), raw
+    return build_experiment(raw, check_hardware=check_hardware), raw
 
 
 def help_text() -> str:

@@ -34,11 +34,13 @@ from torch import Tensor
 
 from balora.losses import IGNORE_INDEX
 from balora.spectral import (
+    Segments,
     SVDMethod,
     TopSingular,
     default_chunk_rows,
     empty_grad_like,
-    row_chunks,
+    row_blocks,
+    row_segments,
     svd_grad_rows,
     top_singular,
     valid_rows,
@@ -60,43 +62,77 @@ class _Plan:
     chunk: int
 
 
+def _topk(z: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+    """(values (n, k), indices (n, k), row max (n, 1)) of z (n, V), exact, in about one pass over z.
+
+    Every top-k element lies in one of the k blocks (of `block` columns) with the largest block maxima, so a top-k over
+    the (n, V/block) block maxima and then over those k·block candidates gives the same values as `torch.topk`, at a
+    quarter of its cost here (ties may pick a different but equal-valued index).
+    """
+    n, v = z.shape
+    nb = v // block
+    if nb < 4 * k:
+        values, indices = torch.topk(z, k, dim=-1)
+        return values, indices, z.amax(dim=-1, keepdim=True)
+    head = z[:, : nb * block].view(n, nb, block)
+    block_max = head.amax(dim=-1)  # (n, nb)
+    best = block_max.topk(k, dim=-1).indices  # (n, k)
+    cand = head.gather(1, best.unsqueeze(2).expand(n, k, block)).view(n, k * block)
+    cand_idx = (best.unsqueeze(2) * block + torch.arange(block, device=z.device)).view(n, k * block)
+    row_max = block_max.amax(dim=-1, keepdim=True)
+    if nb * block < v:  # the ragged tail is always a candidate
+        tail = z[:, nb * block :]
+        cand = torch.cat([cand, tail], dim=1)
+        cand_idx = torch.cat([cand_idx, torch.arange(nb * block, v, device=z.device).expand(n, -1)], dim=1)
+        row_max = torch.maximum(row_max, tail.amax(dim=-1, keepdim=True))
+    values, pos = cand.topk(k, dim=-1)
+    return values, cand_idx.gather(1, pos), row_max
+
+
 def _fused_pass(
-    logits: Tensor, teacher: Tensor | None, rows: Tensor, targets: Tensor, plan: _Plan, svd: TopSingular | None,
+    logits: Tensor, teacher: Tensor | None, segs: Segments, targets: Tensor, plan: _Plan, svd: TopSingular | None,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(total (), stats (4,) = [mean CE, consistency, diversity, svd], gradient buffer shaped like logits or None)."""
     v = logits.shape[-1]
-    m = rows.numel()
+    m = int(targets.numel())
     t = plan.temperature
     do_ce, do_kl = plan.ce_scale is not None, plan.consistency_weight != 0.0
     do_div, do_svd = plan.diversity_weight != 0.0, svd is not None
     sums = torch.zeros(3, dtype=torch.float64, device=logits.device)  # Σ CE, Σ KL, Σ H over the rows
-    grad = empty_grad_like(logits, rows) if need_grad else None
-    student = row_chunks(logits.reshape(-1, v), rows, plan.chunk)
-    teachers = row_chunks(teacher.reshape(-1, v), rows, plan.chunk) if do_kl else None
-    e_buf = g_buf = None
+    grad = empty_grad_like(logits, segs) if need_grad else None
+    grad_flat = grad.view(-1, v) if need_grad else None
+    direct = need_grad and grad.dtype == torch.float32  # write each block's gradient straight into `grad`
+    blocks = row_blocks(logits.reshape(-1, v), segs, plan.chunk)
+    teacher_flat = teacher.reshape(-1, v) if do_kl else None
+    scratch: dict[str, Tensor] = {}
+
+    def buffer(name: str, n: int) -> Tensor:  # (n, V) float32 scratch, allocated once
+        if name not in scratch:
+            scratch[name] = torch.empty(min(plan.chunk, m), v, device=logits.device)
+        return scratch[name][:n]
+
     if do_svd and need_grad:
         u_scaled, c = svd.grad_terms()
         u_scaled, c = u_scaled * plan.svd_weight, c * plan.svd_weight
-    for a, b, z in student:  # z: (n, V) float32 scratch we may overwrite
+    for a, b, where, z in blocks:  # z: (n, V) float32, read-only (a view of the logits when they are float32)
         n = b - a
-        if e_buf is None:
-            e_buf, g_buf = torch.empty_like(z), (torch.empty_like(z) if need_grad else None)
-        e = e_buf[:n]
-        g = g_buf[:n] if need_grad else None
+        g = (grad_flat[where] if direct else buffer("g", n)) if need_grad else None
         if need_grad:  # the first term written initialises g: SVD, else CE, else zeros
             if do_svd:
-                svd_grad_rows(z, u_scaled[a:b], svd.vh, c, out=g)  # needs the raw z, before the shift below
+                svd_grad_rows(z, u_scaled[a:b], svd.vh, c, out=g)
             elif not do_ce:
                 g.zero_()
-        if do_div:  # top-K on the raw z, so that ties resolve as in the reference
-            top_vals, top_idx = torch.topk(z, k=min(plan.entropy_top_k, v), dim=-1)  # (n, K)
-        z.sub_(z.amax(dim=-1, keepdim=True))  # z − max z: every exp below is ≤ 1
+        if do_div:
+            top_vals, top_idx, z_max = _topk(z, min(plan.entropy_top_k, v))  # (n, K), (n, K), (n, 1)
+        else:
+            z_max = z.amax(dim=-1, keepdim=True)
+        if do_ce or (do_kl and t == 2.0):
+            e = torch.sub(z, z_max, out=buffer("e", n)).exp_()  # exp(z − max z) ≤ 1
+            s1 = e.sum(dim=-1, keepdim=True)  # (n, 1)
         if do_ce:
             tgt = targets[a:b, None]  # (n, 1)
-            torch.exp(z, out=e)
-            s1 = e.sum(dim=-1, keepdim=True)  # (n, 1)
-            sums[0] += (s1.log() - z.gather(1, tgt)).sum()  # log Σ exp(z) − z_y
+            sums[0] += (s1.log() - (z.gather(1, tgt) - z_max)).sum()  # log Σ exp(z) − z_y
             if need_grad:
                 if do_svd:
                     g.addcmul_(e, plan.ce_scale / s1)
@@ -104,20 +140,25 @@ def _fused_pass(
                     torch.mul(e, plan.ce_scale / s1, out=g)
                 g.scatter_add_(1, tgt, (-plan.ce_scale).expand(n, 1))
         if do_kl:
-            y = next(teachers)[2]  # (n, V) float32 teacher rows
-            y.sub_(y.amax(dim=-1, keepdim=True))
-            torch.mul(y, 1.0 / t, out=e).exp_()
-            sy = e.sum(dim=-1, keepdim=True)  # p = e / sy
-            y.sub_(z)  # ỹ − z̃
-            p_dot = torch.bmm(e.unsqueeze(1), y.unsqueeze(2)).view(n, 1) / sy  # E_p[ỹ − z̃]
-            torch.mul(z, 1.0 / t, out=y).exp_()
-            s2 = y.sum(dim=-1, keepdim=True)  # q = y / s2
-            # KL(p ‖ q) = E_p[(ỹ − z̃)/T] + log s2 − log sy, with ỹ, z̃ the max-shifted logits
-            sums[1] += (p_dot / t + s2.log() - sy.log()).sum()
+            y = teacher_flat[where].float()  # (n, V) teacher rows (a view for float32)
+            y_max = y.amax(dim=-1, keepdim=True)
+            p = torch.add(-y_max / t, y, alpha=1.0 / t, out=buffer("p", n)).exp_()  # exp((y − max y)/T)
+            sp = p.sum(dim=-1, keepdim=True)  # teacher probabilities = p / sp
+            # KL(p ‖ q) = Σ p·(y − z)/T − (max y − max z)/T + log Σ exp((z − max z)/T) − log sp
+            d = torch.sub(y, z, out=buffer("d", n)).mul_(p)
+            p_dot = d.sum(dim=-1, keepdim=True) / sp
+            if t == 2.0:  # exp((z − max z)/2) = sqrt(exp(z − max z)): one pass instead of two
+                q = torch.sqrt(e, out=d)
+            elif t == 1.0 and (do_ce or False):
+                q = e
+            else:
+                q = torch.add(-z_max / t, z, alpha=1.0 / t, out=d).exp_()
+            sq = q.sum(dim=-1, keepdim=True)  # student probabilities at T = q / sq
+            sums[1] += ((p_dot - y_max + z_max) / t + sq.log() - sp.log()).sum()
             if need_grad:
-                scale = plan.consistency_weight * t / m
-                g.addcmul_(y, scale / s2)
-                g.addcmul_(e, -scale / sy)
+                scale = plan.consistency_weight * t / m  # ∂/∂z of T²·mean KL = (T/M)(q/sq − p/sp)
+                g.addcmul_(q, scale / sq)
+                g.addcmul_(p, -scale / sp)
         if do_div:
             log_pi = F.log_softmax(top_vals, dim=-1)  # (n, K)
             pi = log_pi.exp()
@@ -125,8 +166,9 @@ def _fused_pass(
             sums[2] += entropy.sum()
             if need_grad:
                 g.scatter_add_(1, top_idx, pi * (log_pi + entropy) * (plan.diversity_weight / m))
-        if need_grad:
-            grad.view(-1, v).index_copy_(0, rows[a:b], g if g.dtype == grad.dtype else g.to(grad.dtype))
+        if need_grad and not direct:
+            grad_flat[where] = g
+
     sums = sums.float()
     stats = torch.zeros(4, dtype=torch.float32, device=logits.device)
     if m > 0:
@@ -143,8 +185,8 @@ class _FusedNLGLoss(torch.autograd.Function):
     """Forward runs `_fused_pass`, keeping its gradient buffer; backward scales it in place and returns it."""
 
     @staticmethod
-    def forward(ctx, logits, teacher, rows, targets, plan, svd):
-        total, stats, grad = _fused_pass(logits, teacher, rows, targets, plan, svd, need_grad=True)
+    def forward(ctx, logits, teacher, segs, targets, plan, svd):
+        total, stats, grad = _fused_pass(logits, teacher, segs, targets, plan, svd, need_grad=True)
         ctx.grad = grad
         ctx.mark_non_differentiable(stats)
         return total, stats
@@ -242,11 +284,12 @@ def nlg_fused_loss(
             logits.detach().reshape(-1, v), rows, top_k=svd_top_k, method=svd_method, oversample=svd_oversample,
             niter=svd_niter, seed=svd_seed, chunk_size=chunk,
         )
+    segs = row_segments(rows)
     if torch.is_grad_enabled() and logits.requires_grad:
-        total, stats = _FusedNLGLoss.apply(logits, teacher, rows, targets, plan, svd)
+        total, stats = _FusedNLGLoss.apply(logits, teacher, segs, targets, plan, svd)
     else:
         with torch.no_grad():
-            total, stats, _ = _fused_pass(logits, teacher, rows, targets, plan, svd, need_grad=False)
+            total, stats, _ = _fused_pass(logits, teacher, segs, targets, plan, svd, need_grad=False)
     names = [("task_loss", with_task_loss), ("consistency_loss", plan.consistency_weight != 0.0),
              ("diversity_loss", plan.diversity_weight != 0.0), ("svd_loss", plan.svd_weight != 0.0)]
     return total, {name: stats[i].detach() for i, (name, on) in enumerate(names) if on}

@@ -51,30 +51,54 @@ def default_chunk_rows(n_cols: int) -> int:
 
 
 def valid_rows(labels: Tensor, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """(M,) int64 indices into the flattened (B·T) positions of `nlg_valid_mask(labels)`, in row-major order."""
+    """(M,) int64 indices into the flattened (B·T) positions of `nlg_valid_mask(labels)`, ascending."""
     return nlg_valid_mask(labels, ignore_index=ignore_index).reshape(-1).nonzero().squeeze(1)
 
 
-def row_chunks(flat: Tensor, rows: Tensor, chunk: int) -> Iterator[tuple[int, int, Tensor]]:
-    """Yield (start, stop, float32 (stop − start, V) rows `flat[rows[start:stop]]`), reusing one scratch buffer."""
-    m = rows.numel()
-    buf = torch.empty(min(chunk, m), flat.shape[1], dtype=torch.float32, device=flat.device)
-    for start in range(0, m, chunk):
-        stop = min(start + chunk, m)
-        out = buf[: stop - start]
-        if flat.dtype == torch.float32:
-            torch.index_select(flat, 0, rows[start:stop], out=out)
-        else:
-            out.copy_(flat.index_select(0, rows[start:stop]))
-        yield start, stop, out
+Segments = list[tuple[int, int, int]]
 
 
-def empty_grad_like(x: Tensor, rows: Tensor) -> Tensor:
-    """A contiguous buffer shaped like `x` (..., C) whose rows outside `rows` (of the (N, C) view) are zero."""
+def row_segments(rows: Tensor) -> Segments:
+    """Split ascending row indices (M,) into maximal runs of consecutive rows: [(start, stop, first row), ...].
+
+    Valid positions come in runs (each sequence's answer), so every block of a run is a plain slice of the (N, V)
+    logits: no gather, no copy for float32 logits, and gradients are written into slices too.
+    """
+    r = rows.cpu()
+    if r.numel() == 0:
+        return []
+    breaks = ((r[1:] - r[:-1]) != 1).nonzero().squeeze(1).add(1).tolist()
+    starts, stops = [0, *breaks], [*breaks, r.numel()]
+    return [(a, b, int(r[a])) for a, b in zip(starts, stops, strict=True)]
+
+
+def row_blocks(flat: Tensor, segments: Segments, chunk: int) -> Iterator[tuple[int, int, slice, Tensor]]:
+    """Yield (start, stop, flat-row slice, float32 (stop − start, V) block) over `segments`, `chunk` rows at a time.
+
+    The block is a view of `flat` when it is float32 (read it, never write it), else a float32 copy in one reused
+    scratch buffer. start/stop index the M valid rows; the slice indexes `flat`'s rows.
+    """
+    buf = None
+    for a, b, first in segments:
+        for start in range(a, b, chunk):
+            stop = min(start + chunk, b)
+            where = slice(first + start - a, first + stop - a)
+            block = flat[where]
+            if block.dtype != torch.float32:
+                if buf is None:
+                    buf = torch.empty(min(chunk, max(y - x for x, y, _ in segments)), flat.shape[1], device=flat.device)
+                block = buf[: stop - start].copy_(block)
+            yield start, stop, where, block
+
+
+def empty_grad_like(x: Tensor, segments: Segments) -> Tensor:
+    """A contiguous buffer shaped like `x` (..., C) whose rows (of the (N, C) view) outside `segments` are zero."""
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    keep = torch.ones(grad.numel() // x.shape[-1], dtype=torch.bool, device=x.device)
-    keep[rows] = False
-    grad.view(-1, x.shape[-1]).index_fill_(0, keep.nonzero().squeeze(1), 0)
+    flat, prev = grad.view(-1, x.shape[-1]), 0
+    for a, b, first in segments:
+        flat[prev:first].zero_()
+        prev = first + b - a
+    flat[prev:].zero_()
     return grad
 
 
@@ -113,46 +137,46 @@ def _drop_zero(u: Tensor, s: Tensor, vh: Tensor, k: int, fro: Tensor, shape: tup
     return TopSingular(u=u.contiguous(), s=s, vh=vh.contiguous(), fro=fro.float())
 
 
-def _times(flat: Tensor, rows: Tensor, right: Tensor, chunk: int) -> Tensor:
-    """Z @ right: (M, q) for right (V, q), one row chunk at a time."""
-    out = right.new_empty(rows.numel(), right.shape[1])
-    for a, b, z in row_chunks(flat, rows, chunk):
+def _times(flat: Tensor, segs: Segments, right: Tensor, chunk: int) -> Tensor:
+    """Z @ right: (M, q) for right (V, q), one row block at a time."""
+    out = right.new_empty(sum(b - a for a, b, _ in segs), right.shape[1])
+    for a, b, _, z in row_blocks(flat, segs, chunk):
         torch.mm(z, right, out=out[a:b])
     return out
 
 
-def _t_times(flat: Tensor, rows: Tensor, left: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """(Zᵀ @ left (V, q) for left (M, q), ‖Z‖_F² in float64), one row chunk at a time."""
+def _t_times(flat: Tensor, segs: Segments, left: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """(Zᵀ @ left (V, q) for left (M, q), ‖Z‖_F² in float64), one row block at a time."""
     out = left.new_zeros(flat.shape[1], left.shape[1])
     sq = torch.zeros((), dtype=torch.float64, device=flat.device)
-    for a, b, z in row_chunks(flat, rows, chunk):
+    for a, b, _, z in row_blocks(flat, segs, chunk):
         out.addmm_(z.T, left[a:b])
         sq += torch.linalg.vector_norm(z).double().square()
     return out, sq
 
 
-def _ritz_row_basis(flat: Tensor, rows: Tensor, basis: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+def _ritz_row_basis(flat: Tensor, segs: Segments, basis: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """SVD of Z projected on the orthonormal row-space basis (V, q): Z basis = U S Pᵀ, so vh = Pᵀ basisᵀ."""
-    u, s, ph = torch.linalg.svd(_times(flat, rows, basis, chunk), full_matrices=False)
+    u, s, ph = torch.linalg.svd(_times(flat, segs, basis, chunk), full_matrices=False)
     return u, s, ph @ basis.T
 
 
-def _randomized(flat: Tensor, rows: Tensor, q: int, niter: int, seed: int | None, chunk: int):
+def _randomized(flat: Tensor, segs: Segments, m: int, q: int, niter: int, seed: int | None, chunk: int):
     """Halko et al. (2009) Alg. 4.4 + 5.1 on the row chunks: for M < V the same sequence `torch.svd_lowrank` runs."""
     generator = None
     if seed is not None:
         generator = torch.Generator(device=flat.device)
         generator.manual_seed(seed)
-    omega = torch.randn(rows.numel(), q, generator=generator, device=flat.device, dtype=torch.float32)
-    x, sq = _t_times(flat, rows, omega, chunk)  # (V, q)
+    omega = torch.randn(m, q, generator=generator, device=flat.device, dtype=torch.float32)
+    x, sq = _t_times(flat, segs, omega, chunk)  # (V, q)
     basis = torch.linalg.qr(x).Q
     for _ in range(niter):
-        left = torch.linalg.qr(_times(flat, rows, basis, chunk)).Q  # (M, q)
-        basis = torch.linalg.qr(_t_times(flat, rows, left, chunk)[0]).Q  # (V, q)
-    return (*_ritz_row_basis(flat, rows, basis, chunk), sq)
+        left = torch.linalg.qr(_times(flat, segs, basis, chunk)).Q  # (M, q)
+        basis = torch.linalg.qr(_t_times(flat, segs, left, chunk)[0]).Q  # (V, q)
+    return (*_ritz_row_basis(flat, segs, basis, chunk), sq)
 
 
-def _exact(flat: Tensor, rows: Tensor, k: int, chunk: int):
+def _exact(flat: Tensor, segs: Segments, rows: Tensor, k: int, chunk: int):
     """Top-k subspace from the float64 eigendecomposition of the smaller Gram, then Rayleigh–Ritz on Z itself.
 
     The Ritz step (an SVD of Z projected on the k eigenvectors) gives σ to float32 accuracy and orthonormal vectors,
@@ -163,17 +187,17 @@ def _exact(flat: Tensor, rows: Tensor, k: int, chunk: int):
         gram = torch.zeros(m, m, dtype=torch.float64, device=flat.device)
         width = max(1, chunk * v // max(m, 1))
         for c in range(0, v, width):
-            block = flat[:, c : c + width].index_select(0, rows).float()  # (M, width)
+            block = flat[rows, c : c + width].float()  # (M, width)
             gram += (block @ block.T).double()
         left = torch.linalg.eigh(gram).eigenvectors[:, -k:].flip(1).float()  # (M, k), column-space basis
-        bt, sq = _t_times(flat, rows, left, chunk)  # (Zᵀ left) = (leftᵀ Z)ᵀ, (V, k)
+        bt, sq = _t_times(flat, segs, left, chunk)  # (Zᵀ left) = (leftᵀ Z)ᵀ, (V, k)
         ub, s, vh = torch.linalg.svd(bt.T, full_matrices=False)
         return left @ ub, s, vh, sq
     gram = torch.zeros(v, v, dtype=torch.float64, device=flat.device)  # Zᵀ Z (V, V)
-    for _, _, z in row_chunks(flat, rows, chunk):
+    for _, _, _, z in row_blocks(flat, segs, chunk):
         gram += (z.T @ z).double()
     basis = torch.linalg.eigh(gram).eigenvectors[:, -k:].flip(1).float()  # (V, k), row-space basis
-    return (*_ritz_row_basis(flat, rows, basis, chunk), gram.diagonal().sum())
+    return (*_ritz_row_basis(flat, segs, basis, chunk), gram.diagonal().sum())
 
 
 @torch.no_grad()
@@ -201,15 +225,18 @@ def top_singular(
         raise ValueError(f"method must be 'randomized' or 'exact'; got {method!r}")
     m, v = rows.numel(), flat.shape[1]
     chunk = chunk_size or default_chunk_rows(v)
+    if flat.dtype == torch.float32:  # blocks are views: larger ones only mean fewer, larger matmuls
+        chunk = max(chunk, 4096)
+    segs = row_segments(rows)
     k = min(top_k, m, v)
     if k == 0:  # nothing supervised
         empty = torch.zeros(0, device=flat.device)
         return TopSingular(empty.new_zeros(m, 0), empty, empty.new_zeros(0, v), empty.new_zeros(()))
     q = top_k + oversample
     if method == "exact" or min(m, v) <= 2 * q:
-        u, s, vh, sq = _exact(flat, rows, k, chunk)
+        u, s, vh, sq = _exact(flat, segs, rows, k, chunk)
     else:
-        u, s, vh, sq = _randomized(flat, rows, q, niter, seed, chunk)
+        u, s, vh, sq = _randomized(flat, segs, m, q, niter, seed, chunk)
     return _drop_zero(u, s, vh, k, sq.sqrt(), (m, v))
 
 
@@ -220,28 +247,29 @@ def svd_grad_rows(z: Tensor, u_scaled: Tensor, vh: Tensor, c: Tensor, out: Tenso
 
 
 class _SVDLoss(torch.autograd.Function):
-    """L = top.loss(); backward writes ∂L/∂Z chunk by chunk into one logits-shaped buffer (allocated in backward)."""
+    """L = top.loss(); backward writes ∂L/∂Z block by block into one logits-shaped buffer (allocated in backward)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, rows: Tensor, top: TopSingular, chunk: int) -> Tensor:
+    def forward(ctx, logits: Tensor, segs: Segments, top: TopSingular, chunk: int) -> Tensor:
         ctx.save_for_backward(logits)
-        ctx.rows, ctx.top, ctx.chunk = rows, top, chunk
+        ctx.segs, ctx.top, ctx.chunk = segs, top, chunk
         return top.loss()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         (logits,) = ctx.saved_tensors
-        rows, top = ctx.rows, ctx.top
-        v = logits.shape[-1]
+        top, v = ctx.top, logits.shape[-1]
         u_scaled, c = top.grad_terms()
         u_scaled, c = u_scaled * grad_output, c * grad_output
-        grad = empty_grad_like(logits, rows)
+        grad = empty_grad_like(logits, ctx.segs)
         grad_flat = grad.view(-1, v)
         scratch = None
-        for a, b, z in row_chunks(logits.reshape(-1, v), rows, ctx.chunk):
-            scratch = torch.empty_like(z) if scratch is None or scratch.shape[0] < b - a else scratch
-            g = svd_grad_rows(z, u_scaled[a:b], top.vh, c, scratch[: b - a])
-            grad_flat.index_copy_(0, rows[a:b], g.to(grad.dtype))
+        for a, b, where, z in row_blocks(logits.reshape(-1, v), ctx.segs, ctx.chunk):
+            if grad.dtype == torch.float32:
+                svd_grad_rows(z, u_scaled[a:b], top.vh, c, out=grad_flat[where])
+            else:
+                scratch = torch.empty_like(z) if scratch is None or scratch.shape[0] < b - a else scratch
+                grad_flat[where] = svd_grad_rows(z, u_scaled[a:b], top.vh, c, scratch[: b - a])
         return grad, None, None, None
 
 
@@ -276,7 +304,7 @@ def nlg_svd_loss(
         logits.detach().reshape(-1, v), rows, top_k=top_k, method=method, oversample=oversample, niter=niter,
         seed=seed, chunk_size=chunk,
     )
-    return _SVDLoss.apply(logits, rows, top, chunk)
+    return _SVDLoss.apply(logits, row_segments(rows), top, chunk)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -326,7 +354,7 @@ class _HiddenSVDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, rows: Tensor, root: Tensor, top_k: int) -> Tensor:
         d = hidden.shape[-1]
-        h = hidden.reshape(-1, d).index_select(0, rows).float()  # (M, d)
+        h = hidden.reshape(-1, d)[rows].float()  # (M, d)
         a = h @ root  # (M, r): A Aᵀ = Z Zᵀ
         fro = torch.linalg.vector_norm(a)
         u, s, ph = torch.linalg.svd(a, full_matrices=False)

@@ -1,0 +1,320 @@
+"""`balora diagnose RUN_DIR`: one number per failure mode that BA-LoRA's regularizers target (arXiv 2408.04556, Sec. 1,
+3.2), measured on held-out data and written to RUN_DIR/diagnostics.json. Formulas: docs/diagnostics.md.
+
+- knowledge drift: mean KL(pre-trained ‖ fine-tuned) of the output distributions on inputs outside the training task
+  (NLU: the validation inputs; NLG: the Alpaca demo data, response tokens), and for NLG the change in perplexity;
+- representation collapse: entropy of the predicted-class distribution against that of the true labels, effective
+  rank of the logits and of the final hidden features, and for NLG distinct-1/distinct-2 of sampled outputs;
+- noise overfitting: with label noise, the share of flipped training rows predicted with their flipped label
+  (memorisation), against the share of clean rows fitted.
+
+The pre-trained model is the run's PeftModel under `disable_adapter()`: the saved adapter is a plain LoRA on the
+original weights (rank 2r for PiSSA runs), so disabling it gives W exactly, and for classification the original head,
+whose random initialisation is reproduced by seeding as `train_experiment` does before loading the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor
+
+from balora.eval.files import write_json_atomic
+
+DIAGNOSTICS_FILE = "diagnostics.json"
+MAX_RANK_ROWS = 512  # rows (examples or tokens) used for the effective ranks; an SVD of (512, V) stays cheap
+
+
+# ------------------------------------------------------------------------------------------------ pure statistics
+
+
+def mean_kl(reference_logits: Tensor, logits: Tensor) -> Tensor:
+    """(1/N) Σ_n KL(softmax(reference[n]) ‖ softmax(logits[n])), both (N, C), float32; 0 for N = 0."""
+    if reference_logits.shape != logits.shape or logits.dim() != 2:
+        raise ValueError(f"mean_kl expects two (N, C) tensors of one shape; got {tuple(reference_logits.shape)} "
+                         f"and {tuple(logits.shape)}")
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    log_p = F.log_softmax(reference_logits.float(), dim=-1)
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="sum") / logits.shape[0]
+
+
+def label_entropy(labels: Sequence[int] | np.ndarray, num_classes: int) -> float:
+    """Entropy in nats of the empirical class distribution of `labels` (classes 0..num_classes-1)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    if counts.sum() == 0:
+        return 0.0
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def effective_rank(matrix: Tensor) -> float:
+    """exp(−Σ p_i log p_i), p_i = σ_i / Σ_j σ_j, σ the singular values of `matrix` (Roy & Vetterli, 2007).
+
+    Uncentred, float32. 1 for a rank-one matrix, min(N, D) for a flat spectrum; 0 for an all-zero matrix.
+    """
+    if matrix.dim() != 2:
+        raise ValueError(f"effective_rank expects a 2-D matrix; got shape {tuple(matrix.shape)}")
+    sigma = torch.linalg.svdvals(matrix.float())
+    total = sigma.sum()
+    if matrix.numel() == 0 or total <= 0:
+        return 0.0
+    p = sigma[sigma > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct unique n-grams / all n-grams over whitespace words of all `texts` (Li et al., 2016); 0 if none."""
+    grams = [tuple(words[i : i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def fit_shares(predictions: Sequence[int], labels: Sequence[int], flipped: Sequence[int]) -> dict[str, float | None]:
+    """Memorisation and clean fit on the training rows.
+
+    `labels` are the labels trained on (flipped where noisy); `flipped` the positions of flipped rows.
+    memorisation = share of flipped rows predicted with their flipped label; clean_fit = share of the other rows
+    predicted with their label. A share over no rows is None.
+    """
+    pred, lab = np.asarray(predictions), np.asarray(labels)
+    if pred.shape != lab.shape:
+        raise ValueError(f"predictions and labels differ in length: {pred.shape} vs {lab.shape}")
+    noisy = np.zeros(len(lab), dtype=bool)
+    noisy[np.asarray(list(flipped), dtype=np.int64)] = True
+    hit = pred == lab
+    return {
+        "memorisation": float(hit[noisy].mean()) if noisy.any() else None,
+        "clean_fit": float(hit[~noisy].mean()) if (~noisy).any() else None,
+        "flipped_rows": int(noisy.sum()),
+        "clean_rows": int((~noisy).sum()),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ model passes
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(dataset: Any, collator: Any, batch_size: int) -> Iterator[dict[str, Tensor]]:
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        yield collator(rows)
+
+
+def _pool(hidden: Tensor, attention_mask: Tensor, first_token: bool) -> Tensor:
+    """The hidden state the classification head reads: [CLS] (encoders) or the last non-pad token (decoders)."""
+    if first_token:
+        return hidden[:, 0]
+    last = attention_mask.sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+@torch.no_grad()
+def classifier_pass(model: torch.nn.Module, dataset: Any, collator: Any, *, batch_size: int = 64,
+                    pretrained: bool = False) -> tuple[Tensor, Tensor]:
+    """(logits (N, C), final pooled hidden features (N, H)) of a PEFT classification model, in eval mode."""
+    first_token = not hasattr(model.base_model.model, "score")  # `score` heads (decoders) read the last token
+    logits, features = [], []
+    device = _device(model)
+    context = model.disable_adapter() if pretrained else _null()
+    with context:
+        for batch in _batches(dataset.remove_columns(["labels"]), collator, batch_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch, output_hidden_states=True)
+            logits.append(out.logits.float().cpu())
+            features.append(_pool(out.hidden_states[-1], batch["attention_mask"], first_token).float().cpu())
+    return torch.cat(logits), torch.cat(features)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def nlu_diagnostics(experiment: Any, model: Any, tokenizer: Any, run_dir: Path, batch_size: int) -> dict[str, Any]:
+    from transformers import DataCollatorWithPadding
+
+    from balora.data.glue import load_glue, tokenize_glue
+    from balora.data.noise import apply_label_noise
+    from balora.run import task_spec_for
+
+    spec = task_spec_for(experiment)
+    if spec.regression:
+        raise ValueError(f"diagnose covers classification tasks; {spec.name!r} is a regression task")
+    data, seed = experiment.data, int(experiment.training.get("seed", 42))
+    splits, _ = load_glue(spec, train_file=data.train_file, validation_file=data.validation_file,
+                          max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples, seed=seed)
+    collator = DataCollatorWithPadding(tokenizer)
+    val = tokenize_glue(splits[spec.validation_splits[0]], tokenizer, spec, data.max_length)
+    logits, features = classifier_pass(model, val, collator, batch_size=batch_size)
+    pre_logits, pre_features = classifier_pass(model, val, collator, batch_size=batch_size, pretrained=True)
+    predicted = logits.argmax(-1).numpy()
+    result: dict[str, Any] = {
+        "task": "nlu",
+        "examples": len(val),
+        "drift_kl": float(mean_kl(pre_logits, logits)),
+        "predicted_class_entropy": label_entropy(predicted, spec.num_labels),
+        "true_label_entropy": label_entropy(val["labels"], spec.num_labels),
+        "logits_effective_rank": effective_rank(logits[:MAX_RANK_ROWS]),
+        "features_effective_rank": effective_rank(features[:MAX_RANK_ROWS]),
+        "pretrained_features_effective_rank": effective_rank(pre_features[:MAX_RANK_ROWS]),
+    }
+    train = splits["train"]
+    flipped: list[int] = []
+    if data.label_noise > 0:
+        train, flipped = apply_label_noise(train, data.label_noise, spec.num_labels, seed, label_field="label")
+        _check_flipped(run_dir, flipped)
+    encoded = tokenize_glue(train, tokenizer, spec, data.max_length)
+    train_logits, _ = classifier_pass(model, encoded, collator, batch_size=batch_size)
+    result.update(fit_shares(train_logits.argmax(-1).tolist(), encoded["labels"], flipped))
+    result["label_noise"] = data.label_noise
+    return result
+
+
+def _check_flipped(run_dir: Path, flipped: list[int]) -> None:
+    """The rows flipped now must be those the run trained on (same seed, subset and p): else the figures lie."""
+    path = run_dir / "flipped_rows.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the run has label noise but no record of its flipped rows")
+    saved = json.loads(path.read_text())["flipped_indices"]
+    if saved != flipped:
+        raise ValueError(f"{path} does not match the rows flipped by the run's config (seed, subset, p); "
+                         "the data files changed since training")
+
+
+# ------------------------------------------------------------------------------------------------ NLG
+
+
+@torch.no_grad()
+def nlg_drift(model: Any, dataset: Any, collator: Any, *, batch_size: int = 4) -> dict[str, Any]:
+    """Per-token KL(pre ‖ fine) and NLL on supervised (response) tokens; logits and final hidden rows for ranks."""
+    device = _device(model)
+    kl_sum = nll_ft = nll_pre = 0.0
+    tokens = 0
+    rows_logits: list[Tensor] = []
+    rows_hidden: list[Tensor] = []
+    for batch in _batches(dataset, collator, batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")[:, 1:]
+        mask = labels != -100  # (B, T-1): positions whose next token is supervised
+        out = model(**batch, output_hidden_states=True)
+        with model.disable_adapter():
+            pre = model(**batch).logits[:, :-1][mask].float()  # (M, V)
+        ft = out.logits[:, :-1][mask].float()  # (M, V)
+        target = labels[mask]
+        kl_sum += float(mean_kl(pre, ft)) * ft.shape[0]
+        nll_ft += float(F.cross_entropy(ft, target, reduction="sum"))
+        nll_pre += float(F.cross_entropy(pre, target, reduction="sum"))
+        tokens += ft.shape[0]
+        room = MAX_RANK_ROWS - sum(r.shape[0] for r in rows_logits)
+        if room > 0:
+            rows_logits.append(ft[:room].cpu())
+            rows_hidden.append(out.hidden_states[-1][:, :-1][mask][:room].float().cpu())
+    if tokens == 0:
+        raise ValueError("no supervised tokens in the drift data; raise data.max_length")
+    ppl_ft, ppl_pre = math.exp(nll_ft / tokens), math.exp(nll_pre / tokens)
+    return {
+        "tokens": tokens,
+        "drift_kl": kl_sum / tokens,
+        "perplexity_pretrained": ppl_pre,
+        "perplexity_finetuned": ppl_ft,
+        "perplexity_change": ppl_ft - ppl_pre,
+        "logits_effective_rank": effective_rank(torch.cat(rows_logits)),
+        "features_effective_rank": effective_rank(torch.cat(rows_hidden)),
+    }
+
+
+@torch.no_grad()
+def sample_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, seed: int) -> list[str]:
+    """One sampled completion (temperature 1, top-p 1) per prompt, one prompt at a time, seeded."""
+    device = _device(model)
+    texts = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").to(device)
+            out = model.generate(**ids, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            texts.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def nlg_diagnostics(experiment: Any, model: Any, tokenizer: Any, *, drift_file: Path, drift_samples: int,
+                    batch_size: int, generations: int, max_new_tokens: int) -> dict[str, Any]:
+    from balora.data.instruct import CausalLMCollator, load_instruct, tokenize_instruct
+    from balora.data.templates import render_prompt, response_prefix
+
+    rows, _ = load_instruct(drift_file, format="alpaca")
+    rows = rows.select(range(min(drift_samples, len(rows))))
+    template = experiment.data.template
+    encoded, _ = tokenize_instruct(rows, tokenizer, max_length=experiment.data.max_length, template=template)
+    result: dict[str, Any] = {"task": "nlg", "drift_file": str(drift_file), "examples": len(encoded)}
+    result.update(nlg_drift(model, encoded, CausalLMCollator(tokenizer.pad_token_id), batch_size=batch_size))
+    prompts = [render_prompt(i, x or None, template=template, tokenizer=tokenizer) + response_prefix(template)
+               for i, x in zip(rows["instruction"][:generations], rows["input"][:generations], strict=True)]
+    seed = int(experiment.training.get("seed", 42))
+    texts = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
+    with model.disable_adapter():
+        pre_texts = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
+    result.update({
+        "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+        "pretrained_distinct_1": distinct_n(pre_texts, 1), "pretrained_distinct_2": distinct_n(pre_texts, 2),
+        "samples": texts,
+        "memorisation": None, "clean_fit": None,  # no labels to flip in instruction data
+    })
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
+
+def load_run_seeded(run_dir: Path) -> tuple[Any, Any, Any]:
+    """`load_run` after seeding as `train_experiment` does, so a fresh classification head is the run's initial one."""
+    from transformers import set_seed
+
+    from balora.evaluate import load_run
+
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} is missing; is {run_dir} a run directory written by `balora train`?")
+    set_seed(int((yaml.safe_load(config.read_text()).get("training") or {}).get("seed", 42)))
+    return load_run(run_dir)
+
+
+def diagnose_run(run_dir: str | Path, *, drift_file: str | Path | None = None, drift_samples: int = 64,
+                 batch_size: int = 32, generations: int = 8, max_new_tokens: int = 48) -> dict[str, Any]:
+    """Compute the diagnostics of a finished run and write them to RUN_DIR/diagnostics.json; returns them."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").is_file():
+        raise FileNotFoundError(f"{run_dir} has no metrics.json: the run did not finish; train it first")
+    experiment, model, tokenizer = load_run_seeded(run_dir)
+    if experiment.is_nlg:
+        from balora.data.glue import default_data_dir
+
+        if drift_file is None:
+            data_dir = default_data_dir()
+            if data_dir is None:
+                raise FileNotFoundError("no bundled Alpaca demo data outside a source checkout; pass --drift-file")
+            drift_file = data_dir / "alpaca_demo" / "alpaca_en_demo.json"
+        result = nlg_diagnostics(experiment, model, tokenizer, drift_file=Path(drift_file),
+                                 drift_samples=drift_samples, batch_size=max(1, batch_size // 8),
+                                 generations=generations, max_new_tokens=max_new_tokens)
+    else:
+        result = nlu_diagnostics(experiment, model, tokenizer, run_dir, batch_size)
+    result["run_dir"] = str(run_dir)
+    write_json_atomic(run_dir / DIAGNOSTICS_FILE, result)
+    return result
