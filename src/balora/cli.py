@@ -27,7 +27,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from balora.experiment import ConfigError
     from balora.models import ModelLoadError
 
-    return (ConfigError, DataError, ModelLoadError, FileNotFoundError)
+    return (ConfigError, DataError, ModelLoadError, FileNotFoundError, FileExistsError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -127,7 +127,7 @@ def _fused_pass(
             top_vals, top_idx, z_max = _topk(z, min(plan.entropy_top_k, v))  # (n, K), (n, K), (n, 1)
         else:
             z_max = z.amax(dim=-1, keepdim=True)
-        if do_ce or (do_kl and t == 2.0):
+        if do_ce or (do_kl and t in (1.0, 2.0)):
             e = torch.sub(z, z_max, out=buffer("e", n)).exp_()  # exp(z − max z) ≤ 1
             s1 = e.sum(dim=-1, keepdim=True)  # (n, 1)
         if do_ce:
@@ -140,7 +140,8 @@ def _fused_pass(
                     torch.mul(e, plan.ce_scale / s1, out=g)
                 g.scatter_add_(1, tgt, (-plan.ce_scale).expand(n, 1))
         if do_kl:
-            y = teacher_flat[where].float()  # (n, V) teacher rows (a view for float32)
+            y = teacher_flat[where]  # (n, V) teacher rows, a view
+            y = y if y.dtype == torch.float32 else buffer("y", n).copy_(y)
             y_max = y.amax(dim=-1, keepdim=True)
             p = torch.add(-y_max / t, y, alpha=1.0 / t, out=buffer("p", n)).exp_()  # exp((y − max y)/T)
             sp = p.sum(dim=-1, keepdim=True)  # teacher probabilities = p / sp
@@ -149,7 +150,7 @@ def _fused_pass(
             p_dot = d.sum(dim=-1, keepdim=True) / sp
             if t == 2.0:  # exp((z − max z)/2) = sqrt(exp(z − max z)): one pass instead of two
                 q = torch.sqrt(e, out=d)
-            elif t == 1.0 and (do_ce or False):
+            elif t == 1.0:
                 q = e
             else:
                 q = torch.add(-z_max / t, z, alpha=1.0 / t, out=d).exp_()

@@ -85,6 +85,10 @@ def _write_atomic(path: Path, write) -> None:  # noqa: ANN001 - write(file) call
         raise
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    _write_atomic(Path(path), lambda f: f.write(text))
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     _write_atomic(Path(path), lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
