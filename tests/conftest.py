@@ -18,8 +18,16 @@ def tiny_llama(vocab: int = VOCAB):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(config)
 
@@ -27,7 +35,9 @@ def tiny_llama(vocab: int = VOCAB):
 def tiny_gpt2(vocab: int = VOCAB):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(
+        vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -35,8 +45,14 @@ def tiny_bert(num_labels: int = 3, vocab: int = VOCAB, problem_type: str | None 
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, num_labels=num_labels, problem_type=problem_type,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        problem_type=problem_type,
     )
     return BertForSequenceClassification(config)
 
@@ -45,8 +61,14 @@ def tiny_roberta(num_labels: int = 2, vocab: int = VOCAB):
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
     config = RobertaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=72, num_labels=num_labels, pad_token_id=1,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=72,
+        num_labels=num_labels,
+        pad_token_id=1,
     )
     return RobertaForSequenceClassification(config)
 
@@ -55,9 +77,17 @@ def tiny_deberta(num_labels: int = 2, vocab: int = VOCAB):
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
     config = DebertaV2Config(
-        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, num_labels=num_labels, pooler_hidden_size=32, relative_attention=True,
-        position_buckets=8, pos_att_type=["p2c", "c2p"],
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pooler_hidden_size=32,
+        relative_attention=True,
+        position_buckets=8,
+        pos_att_type=["p2c", "c2p"],
     )
     return DebertaV2ForSequenceClassification(config)
 

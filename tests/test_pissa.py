@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, tiny_bert, tiny_llama
 from peft.tuners.lora import LoraLayer
 
 from balora import BALoRAConfig, get_balora_model
 from balora.pissa import pissa_factors
+from conftest import MODEL_FACTORIES, tiny_bert, tiny_llama
 
 
 def _inputs(model, batch=2, length=9):
@@ -86,9 +86,7 @@ def test_lora_init_leaves_base_weights_and_starts_from_zero_b():
     for layer in (m for m in peft_model.modules() if isinstance(m, LoraLayer)):
         assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
     wrapped = {
-        n.replace(".base_layer", ""): p
-        for n, p in peft_model.base_model.model.named_parameters()
-        if "lora_" not in n
+        n.replace(".base_layer", ""): p for n, p in peft_model.base_model.model.named_parameters() if "lora_" not in n
     }
     for name, param in original.named_parameters():
         assert torch.equal(param, wrapped[name]), name
@@ -136,5 +134,7 @@ def test_unknown_model_kind_is_refused():
     from transformers import BertConfig, BertModel
 
     with pytest.raises(ValueError, match="cannot tell the task"):
-        get_balora_model(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                              intermediate_size=32)), BALoRAConfig(r=2))
+        get_balora_model(
+            BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32)),
+            BALoRAConfig(r=2),
+        )

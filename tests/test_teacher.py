@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama
 
 from balora import BALoRAConfig, get_balora_model, pretrained_teacher
+from conftest import tiny_bert, tiny_llama
 
 
 def _train_a_few_steps(model, inputs, steps=4):

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama
 from datasets import Dataset
 from peft import PeftModel
 from torch.utils.data import SequentialSampler
@@ -15,6 +14,7 @@ from transformers import DataCollatorWithPadding, TrainingArguments
 
 from balora import BALoRAConfig, BALoRATrainer, get_balora_model, losses
 from balora.adapter import save_adapter
+from conftest import tiny_bert, tiny_llama
 
 
 class SequentialTrainer(BALoRATrainer):
@@ -26,9 +26,21 @@ class SequentialTrainer(BALoRATrainer):
 
 def _args(tmp_path, **overrides):
     values = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=1.0, optim="sgd",
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, logging_steps=1,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     values.update(overrides)
     return TrainingArguments(**values)
@@ -40,15 +52,21 @@ def _nlg_dataset(rows=4, length=10, seed=0):
     labels = ids.clone()
     for i in range(rows):  # prompts of different lengths: micro-batches hold different token counts
         labels[i, : 2 + 2 * i] = -100
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * rows,
-                              "labels": labels.tolist()})
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * length] * rows, "labels": labels.tolist()}
+    )
 
 
 def _nlu_dataset(rows=4, length=8, num_labels=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 101, (rows, length), generator=g)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * rows,
-                              "labels": [i % num_labels for i in range(rows)]})
+    return Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": [[1] * length] * rows,
+            "labels": [i % num_labels for i in range(rows)],
+        }
+    )
 
 
 def _no_dropout_bert():
@@ -73,8 +91,9 @@ def _update(model_factory, config, dataset, tmp_path, **args):
 def test_accumulation_gives_the_gradient_of_one_large_batch(tmp_path, factory, dataset):
     config = BALoRAConfig(method="pissa", r=2)
     one, _ = _update(factory, config, dataset(), tmp_path / "a", per_device_train_batch_size=4)
-    two, _ = _update(factory, config, dataset(), tmp_path / "b", per_device_train_batch_size=2,
-                     gradient_accumulation_steps=2)
+    two, _ = _update(
+        factory, config, dataset(), tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2
+    )
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-4, msg=name)
 
@@ -83,8 +102,9 @@ def test_regularizers_are_averaged_not_multiplied_over_accumulation_steps(tmp_pa
     """The step's gradient is ∇[Σ CE / N_total + λ · mean over micro-batches of the diversity term]."""
     config = BALoRAConfig(r=2, consistency_weight=0.0, diversity_weight=2.0, svd_weight=0.0)
     dataset = _nlu_dataset()
-    delta, trainer = _update(_no_dropout_bert, config, dataset, tmp_path, per_device_train_batch_size=2,
-                             gradient_accumulation_steps=2)
+    delta, trainer = _update(
+        _no_dropout_bert, config, dataset, tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2
+    )
     torch.manual_seed(0)
     reference = get_balora_model(_no_dropout_bert(), config)
     reference.train()
@@ -117,8 +137,15 @@ def test_task_loss_matches_the_models_own_loss():
 
 
 def _train_end_to_end(model, dataset, tmp_path, collator=None, steps=12):
-    args = _args(tmp_path, max_steps=steps, learning_rate=2e-2, optim="adamw_torch", per_device_train_batch_size=4,
-                 logging_steps=4, max_grad_norm=1.0)
+    args = _args(
+        tmp_path,
+        max_steps=steps,
+        learning_rate=2e-2,
+        optim="adamw_torch",
+        per_device_train_batch_size=4,
+        logging_steps=4,
+        max_grad_norm=1.0,
+    )
     trainer = BALoRATrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h]
@@ -136,8 +163,15 @@ def test_tiny_end_to_end_with_all_three_terms(tmp_path, task):
     logs = _train_end_to_end(peft_model, dataset, tmp_path)
     assert len(logs) == 3
     for entry in logs:
-        for key in ("task_loss", "consistency_loss", "diversity_loss", "svd_loss", "lambda_consistency",
-                    "lambda_diversity", "lambda_svd"):
+        for key in (
+            "task_loss",
+            "consistency_loss",
+            "diversity_loss",
+            "svd_loss",
+            "lambda_consistency",
+            "lambda_diversity",
+            "lambda_svd",
+        ):
             assert key in entry and math.isfinite(entry[key]), (key, entry)
     assert logs[-1]["loss"] < logs[0]["loss"]
     assert logs[-1]["task_loss"] < logs[0]["task_loss"]
@@ -157,8 +191,7 @@ def test_teacher_forward_is_skipped_when_consistency_weight_is_zero(tmp_path, mo
     model = get_balora_model(tiny_llama(), BALoRAConfig(r=2, consistency_weight=0.0))
     _train_end_to_end(model, _nlg_dataset(rows=8), tmp_path, steps=2)
     assert calls == []
-    model = get_balora_model(tiny_llama(), BALoRAConfig(r=2, consistency_weight=0.1,
-                                                        consistency_schedule="constant"))
+    model = get_balora_model(tiny_llama(), BALoRAConfig(r=2, consistency_weight=0.1, consistency_schedule="constant"))
     _train_end_to_end(model, _nlg_dataset(rows=8), tmp_path, steps=2)
     assert len(calls) == 2
 

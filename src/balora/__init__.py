@@ -1,6 +1,6 @@
 """balora: BA-LoRA (Bias-Alleviating Low-Rank Adaptation, arXiv 2408.04556) for Hugging Face models.
 
-    from balora import BALoRAConfig, BALoRATrainer, get_balora_model, pretrained_teacher
+from balora import BALoRAConfig, BALoRATrainer, get_balora_model, pretrained_teacher
 """
 
 from balora.adapter import get_balora_model

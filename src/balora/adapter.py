@@ -61,9 +61,7 @@ def lora_config_for(model: torch.nn.Module, config: BALoRAConfig) -> LoraConfig:
         # 'all-linear' keeps the Linear layers *inside* a head such as RoBERTa's classifier.dense/out_proj; the head
         # is trained in full (modules_to_save), so it gets no adapter.
         heads = _head_names(lora)
-        lora.target_modules = {
-            n for n in lora.target_modules if not any(f".{h}." in f".{n}." for h in heads)
-        }
+        lora.target_modules = {n for n in lora.target_modules if not any(f".{h}." in f".{n}." for h in heads)}
     if any(isinstance(m, Conv1D) for _, m in _matched_modules(model, lora)):
         lora.fan_in_fan_out = True
     return lora
@@ -77,7 +75,9 @@ def validate_targets(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
     """Raise a clear error for an impossible request; return the names of the matched modules."""
     matched = _matched_modules(model, lora)
     if not matched:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)})
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)}
+        )
         raise ValueError(
             f"target_modules={lora.target_modules!r} matches no module of this {type(model).__name__}; "
             f"its Linear layers are named {linear}"

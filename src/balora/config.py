@@ -40,10 +40,13 @@ class BALoRAConfig:
 
     method: Method = field(
         default="balora",
-        metadata={"help": "lora: B=0 init, no regularizers; pissa: PiSSA init, no regularizers; balora: PiSSA + 3 terms."},
+        metadata={
+            "help": "lora: B=0 init, no regularizers; pissa: PiSSA init, no regularizers; balora: PiSSA + 3 terms."
+        },
     )
     task: Task | None = field(
-        default=None, metadata={"help": "nlu (sequence classification/regression) or nlg (causal LM); None: from model."}
+        default=None,
+        metadata={"help": "nlu (sequence classification/regression) or nlg (causal LM); None: from model."},
     )
     # -- adapter -------------------------------------------------------------------------------------------------
     r: int = field(default=8, metadata={"help": "Adapter rank r."})
@@ -51,7 +54,9 @@ class BALoRAConfig:
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input (off in the teacher)."})
     target_modules: list[str] | str = field(
         default="all-linear",
-        metadata={"help": "Module names (suffixes) or a regex to adapt; 'all-linear' = every Linear/Conv1D but the head."},
+        metadata={
+            "help": "Module names (suffixes) or a regex to adapt; 'all-linear' = every Linear/Conv1D but the head."
+        },
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained in full (a sequence-classification head is added)."}
@@ -86,7 +91,9 @@ class BALoRAConfig:
         default=None, metadata={"help": "λ2, λ3 over training: constant or two_phase (off, then linear ramp)."}
     )
     regularizer_start: float = field(default=0.2, metadata={"help": "two_phase: fraction of steps with λ2 = λ3 = 0."})
-    regularizer_ramp: float = field(default=0.05, metadata={"help": "two_phase: fraction of steps of the linear ramp."})
+    regularizer_ramp: float = field(
+        default=0.05, metadata={"help": "two_phase: fraction of steps of the linear ramp."}
+    )
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, ("lora", "pissa", "balora"))
@@ -102,7 +109,9 @@ class BALoRAConfig:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         if not self.target_modules:
-            raise ValueError("target_modules is empty; name the modules to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+            raise ValueError(
+                "target_modules is empty; name the modules to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'"
+            )
         _check_int("r", self.r, 1)
         _check_int("init_oversample", self.init_oversample, 0)
         _check_int("entropy_top_k", self.entropy_top_k, 1)

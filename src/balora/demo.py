@@ -21,8 +21,11 @@ def run_demo(config: Path, output_dir: Path) -> dict[str, Any]:
     histories: dict[str, Any] = {}
     for method in METHODS:
         experiment, _ = load_experiment(config, ["--balora.method", method, "--output_dir", str(output_dir / method)])
-        print(f"\n=== {method}: {experiment.model.name} on {experiment.data.task} "
-              f"({experiment.data.max_train_samples or 'all'} training rows) ===", flush=True)
+        print(
+            f"\n=== {method}: {experiment.model.name} on {experiment.data.task} "
+            f"({experiment.data.max_train_samples or 'all'} training rows) ===",
+            flush=True,
+        )
         start = time.perf_counter()
         result = train_experiment(experiment)
         result["seconds"] = round(time.perf_counter() - start, 1)
@@ -33,8 +36,12 @@ def run_demo(config: Path, output_dir: Path) -> dict[str, Any]:
     table = format_table(results, metric)
     print("\n" + table)
     plot_training_curves(histories, output_dir / "demo_losses.png", title="PiSSA vs BA-LoRA: loss terms")
-    plot_metric_bars({m: results[m]["metrics"][metric] for m in METHODS}, output_dir / "demo_accuracy.png",
-                     metric=metric, title="validation " + metric.removeprefix("eval_"))
+    plot_metric_bars(
+        {m: results[m]["metrics"][metric] for m in METHODS},
+        output_dir / "demo_accuracy.png",
+        metric=metric,
+        title="validation " + metric.removeprefix("eval_"),
+    )
     (output_dir / "demo_table.md").write_text(table + "\n")
     write_json_atomic(output_dir / "demo_summary.json", results)
     print(f"\nbalora demo: plots and runs written to {output_dir}/ (demo_losses.png, demo_accuracy.png)")
@@ -55,5 +62,7 @@ def format_table(results: dict[str, Any], metric: str) -> str:
     for method, result in results.items():
         final = result["final_terms"]
         cells = [f"{final[t]:.4f}" if t in final else "—" for t in terms]
-        lines.append(f"| {method} | {result['metrics'][metric]:.4f} | " + " | ".join(cells) + f" | {result['seconds']} |")
+        lines.append(
+            f"| {method} | {result['metrics'][metric]:.4f} | " + " | ".join(cells) + f" | {result['seconds']} |"
+        )
     return "\n".join(lines)

@@ -56,14 +56,25 @@ def evaluate_command(args: argparse.Namespace) -> str:
         from balora.eval.tasks import evaluate_generation
 
         summary = evaluate_generation(
-            model, tokenizer, args.task, data_file=args.data_file, limit=args.limit, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, template=experiment.data.template, n_samples=args.n_samples,
-            temperature=args.temperature, out_dir=out,
+            model,
+            tokenizer,
+            args.task,
+            data_file=args.data_file,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            template=experiment.data.template,
+            n_samples=args.n_samples,
+            temperature=args.temperature,
+            out_dir=out,
         )
         return f"{args.task}: {_summary_line(summary)}; results in {out}"
     metrics = evaluate_validation(experiment, model, tokenizer, out)
-    shown = ", ".join(f"{k} = {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "runtime" not in k
-                      and "per_second" not in k)
+    shown = ", ".join(
+        f"{k} = {v:.4f}"
+        for k, v in metrics.items()
+        if isinstance(v, float) and "runtime" not in k and "per_second" not in k
+    )
     return f"{shown}; metrics in {out / 'metrics.json'}"
 
 
@@ -80,8 +91,13 @@ def evaluate_validation(experiment: Experiment, model: Any, tokenizer: Any, out:
     prepared = prepare_data(experiment, tokenizer, None, args.seed)
     if not prepared["eval"]:
         raise ConfigError("this experiment has no validation split; set data.validation_file")
-    trainer = Trainer(model=model, args=args, data_collator=prepared["collator"],
-                      compute_metrics=prepared["compute_metrics"], processing_class=tokenizer)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=prepared["collator"],
+        compute_metrics=prepared["compute_metrics"],
+        processing_class=tokenizer,
+    )
     metrics = evaluate_splits(trainer, prepared["eval"])
     write_json_atomic(out / "metrics.json", metrics)
     return metrics

@@ -1,4 +1,5 @@
-"""Experiments as YAML: sections `model`, `data`, `balora` (BALoRAConfig), `training` (TrainingArguments), `output_dir`.
+"""Experiments as YAML: sections `model`, `data`, `balora` (BALoRAConfig), `training` (TrainingArguments) and
+`output_dir`.
 
 Every key is checked before any model loads: an unknown key names the closest known one, a wrong type or an
 out-of-range value names the key, the value and what is allowed. Command-line overrides use dotted keys
@@ -43,10 +44,14 @@ class ModelSection:
 class DataSection:
     task: str = field(
         default="sst2",
-        metadata={"help": "GLUE task (cola sst2 mrpc qqp stsb mnli qnli rte wnli), 'classification' for your own "
-                  "columns, or 'instruct' for NLG instruction data."},
+        metadata={
+            "help": "GLUE task (cola sst2 mrpc qqp stsb mnli qnli rte wnli), 'classification' for your own "
+            "columns, or 'instruct' for NLG instruction data."
+        },
     )
-    train_file: str | None = field(default=None, metadata={"help": "Local training file (jsonl/json/csv/tsv/parquet)."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "Local training file (jsonl/json/csv/tsv/parquet)."}
+    )
     validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
     text_fields: list[str] | None = field(default=None, metadata={"help": "Text columns ('classification' task)."})
     label_field: str = field(default="label", metadata={"help": "Label column ('classification' task)."})
@@ -181,7 +186,9 @@ def build_experiment(raw: dict[str, Any], *, check_hardware: bool = True) -> Exp
     on a machine without one.
     """
     if not isinstance(raw, dict):
-        raise ConfigError(f"an experiment file must be a YAML mapping with keys {list(TOP_LEVEL)}; got {type(raw).__name__}")
+        raise ConfigError(
+            f"an experiment file must be a YAML mapping with keys {list(TOP_LEVEL)}; got {type(raw).__name__}"
+        )
     for key in raw:
         if key not in TOP_LEVEL:
             raise ConfigError(f"unknown top-level key {key!r}{_suggest(key, TOP_LEVEL)}; allowed: {list(TOP_LEVEL)}")
@@ -242,7 +249,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"unknown section {path[0]!r} in {flag!r}{_suggest(path[0], TOP_LEVEL)}")
         if not (path == ["output_dir"] or (len(path) == 2 and path[0] in TOP_LEVEL and path[0] != "output_dir")):
             raise ConfigError(
-                f"override {flag!r} must name a section and key, e.g. --balora.r 16, --training.seed 1 or --output_dir D"
+                f"override {flag!r} must name a section and key, e.g. --balora.r 16, --training.seed 1 "
+                "or --output_dir D"
             )
         value = _load_yaml(text)
         if len(path) == 1:
@@ -278,7 +286,9 @@ def help_text() -> str:
         hints = _hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {f.name} ({_describe(hints.get(f.name, ''))}, default {default!r}): {f.metadata.get('help', '')}")
+            lines.append(
+                f"  {f.name} ({_describe(hints.get(f.name, ''))}, default {default!r}): {f.metadata.get('help', '')}"
+            )
         lines.append("")
     lines.append("training: any transformers.TrainingArguments field, e.g.:")
     for name, f in training_fields().items():

@@ -154,7 +154,12 @@ def select_valid(logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_I
 
 
 def nlg_consistency(
-    logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, temperature: float = 2.0, ignore_index: int = IGNORE_INDEX
+    logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 2.0,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """Consistency with the pre-trained model over the supervised tokens (paper Eq. 7), >= 0, minimise.
 

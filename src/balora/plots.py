@@ -55,15 +55,22 @@ def plot_training_curves(
     return out
 
 
-def plot_metric_bars(values: Mapping[str, float], path: str | os.PathLike[str], *, metric: str, title: str = "") -> Path:
+def plot_metric_bars(
+    values: Mapping[str, float], path: str | os.PathLike[str], *, metric: str, title: str = ""
+) -> Path:
     """A bar per method for one metric (e.g. validation accuracy)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(values), 3.4))
     names = list(values)
     bars = ax.bar(names, [values[n] for n in names], color=["#888888", "#1f77b4", "#d62728", "#2ca02c"][: len(names)])
     for bar, name in zip(bars, names, strict=True):
-        ax.annotate(f"{values[name]:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                    va="bottom", fontsize=9)
+        ax.annotate(
+            f"{values[name]:.3f}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
     ax.set_ylabel(metric)
     low = min(values.values())
     ax.set_ylim(max(0.0, low - 0.1), max(values.values()) + 0.05)

@@ -45,10 +45,16 @@ def task_spec_for(exp: Experiment) -> Any:
     if data.task == "classification":
         if not data.text_fields or data.num_labels is None:
             raise ConfigError("data.task 'classification' needs data.text_fields and data.num_labels (1 = regression)")
-        return TaskSpec(name="classification", text_fields=tuple(data.text_fields), num_labels=data.num_labels,
-                        regression=data.num_labels == 1, label_field=data.label_field)
+        return TaskSpec(
+            name="classification",
+            text_fields=tuple(data.text_fields),
+            num_labels=data.num_labels,
+            regression=data.num_labels == 1,
+            label_field=data.label_field,
+        )
     raise ConfigError(
-        f"data.task {data.task!r} is not known; use a GLUE task ({', '.join(GLUE_TASKS)}), 'classification' or 'instruct'"
+        f"data.task {data.task!r} is not known; use a GLUE task ({', '.join(GLUE_TASKS)}), 'classification' "
+        "or 'instruct'"
     )
 
 
@@ -58,8 +64,15 @@ def load_model_for(exp: Experiment, spec: Any = None) -> tuple[Any, Any]:
     m = exp.model
     if exp.is_nlg:
         return load_model(m.name, task="nlg", dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
-    return load_model(m.name, task="nlu", num_labels=spec.num_labels, problem_type=spec.problem_type, dtype=m.dtype,
-                      device=m.device, trust_remote_code=m.trust_remote_code)
+    return load_model(
+        m.name,
+        task="nlu",
+        num_labels=spec.num_labels,
+        problem_type=spec.problem_type,
+        dtype=m.dtype,
+        device=m.device,
+        trust_remote_code=m.trust_remote_code,
+    )
 
 
 def prepare_data(exp: Experiment, tokenizer: Any, run_dir: Path | None, seed: int) -> dict[str, Any]:
@@ -70,15 +83,29 @@ def prepare_data(exp: Experiment, tokenizer: Any, run_dir: Path | None, seed: in
 
         if data.train_file is None:
             raise ConfigError("data.task 'instruct' needs data.train_file (Alpaca, query/response or GSM8K rows)")
-        train, stats = load_instruct(data.train_file, format=data.format, max_train_samples=data.max_train_samples,
-                                     skip_bad_rows=data.skip_bad_rows, seed=seed)
+        train, stats = load_instruct(
+            data.train_file,
+            format=data.format,
+            max_train_samples=data.max_train_samples,
+            skip_bad_rows=data.skip_bad_rows,
+            seed=seed,
+        )
         train, tok_stats = tokenize_instruct(train, tokenizer, max_length=data.max_length, template=data.template)
-        result = {"train": train, "eval": {}, "collator": CausalLMCollator(tokenizer.pad_token_id),
-                  "compute_metrics": None, "stats": {"train": {**stats, **tok_stats}}}
+        result = {
+            "train": train,
+            "eval": {},
+            "collator": CausalLMCollator(tokenizer.pad_token_id),
+            "compute_metrics": None,
+            "stats": {"train": {**stats, **tok_stats}},
+        }
         if data.validation_file:
-            val, vstats = load_instruct(data.validation_file, format=data.format,
-                                        max_train_samples=data.max_eval_samples, skip_bad_rows=data.skip_bad_rows,
-                                        seed=seed)
+            val, vstats = load_instruct(
+                data.validation_file,
+                format=data.format,
+                max_train_samples=data.max_eval_samples,
+                skip_bad_rows=data.skip_bad_rows,
+                seed=seed,
+            )
             val, vtok = tokenize_instruct(val, tokenizer, max_length=data.max_length, template=data.template)
             result["eval"] = {"validation": val}
             result["stats"]["validation"] = {**vstats, **vtok}
@@ -91,20 +118,32 @@ def prepare_data(exp: Experiment, tokenizer: Any, run_dir: Path | None, seed: in
     from balora.eval.glue_metrics import compute_metrics_fn
 
     spec = task_spec_for(exp)
-    splits, stats = load_glue(spec, train_file=data.train_file, validation_file=data.validation_file,
-                              max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples,
-                              skip_bad_rows=data.skip_bad_rows, seed=seed)
+    splits, stats = load_glue(
+        spec,
+        train_file=data.train_file,
+        validation_file=data.validation_file,
+        max_train_samples=data.max_train_samples,
+        max_eval_samples=data.max_eval_samples,
+        skip_bad_rows=data.skip_bad_rows,
+        seed=seed,
+    )
     train = splits["train"]
     if data.label_noise > 0:
         train, flipped = apply_label_noise(train, data.label_noise, spec.num_labels, seed, label_field="label")
         stats["train"]["flipped"] = len(flipped)
         if run_dir is not None:
             save_flipped(run_dir / "flipped_rows.json", flipped, meta={"p": data.label_noise, "seed": seed})
-    encoded_eval = {s: tokenize_glue(splits[s], tokenizer, spec, data.max_length) for s in spec.validation_splits
-                    if s in splits}
-    return {"train": tokenize_glue(train, tokenizer, spec, data.max_length), "eval": encoded_eval,
-            "collator": DataCollatorWithPadding(tokenizer), "compute_metrics": compute_metrics_fn(spec),
-            "stats": stats, "spec": spec}
+    encoded_eval = {
+        s: tokenize_glue(splits[s], tokenizer, spec, data.max_length) for s in spec.validation_splits if s in splits
+    }
+    return {
+        "train": tokenize_glue(train, tokenizer, spec, data.max_length),
+        "eval": encoded_eval,
+        "collator": DataCollatorWithPadding(tokenizer),
+        "compute_metrics": compute_metrics_fn(spec),
+        "stats": stats,
+        "spec": spec,
+    }
 
 
 def evaluate_splits(trainer: Any, eval_sets: dict[str, Any]) -> dict[str, float]:
@@ -131,8 +170,13 @@ def train_experiment(exp: Experiment, *, resume: bool = False) -> dict[str, Any]
     resolved["balora"] = peft_model.balora_config.to_dict()
     _write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     trainer = BALoRATrainer(
-        model=peft_model, args=args, train_dataset=prepared["train"], eval_dataset=prepared["eval"] or None,
-        data_collator=prepared["collator"], compute_metrics=prepared["compute_metrics"], processing_class=tokenizer,
+        model=peft_model,
+        args=args,
+        train_dataset=prepared["train"],
+        eval_dataset=prepared["eval"] or None,
+        data_collator=prepared["collator"],
+        compute_metrics=prepared["compute_metrics"],
+        processing_class=tokenizer,
     )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resume else None)
@@ -142,13 +186,17 @@ def train_experiment(exp: Experiment, *, resume: bool = False) -> dict[str, Any]
     final_terms = last_terms(trainer.state.log_history)
     save_adapter(peft_model, run_dir / "adapter")
     tokenizer.save_pretrained(str(run_dir / "adapter"))
-    write_json_atomic(run_dir / "metrics.json", {"metrics": metrics, "final_terms": final_terms,
-                                                  "data": prepared["stats"]})
+    write_json_atomic(
+        run_dir / "metrics.json", {"metrics": metrics, "final_terms": final_terms, "data": prepared["stats"]}
+    )
     write_json_atomic(run_dir / "log_history.json", trainer.state.log_history)
     from balora.plots import plot_training_curves
 
-    plot_training_curves({peft_model.balora_config.method: trainer.state.log_history}, run_dir / "train_loss.png",
-                         title=f"{exp.model.name} · {exp.data.task}")
+    plot_training_curves(
+        {peft_model.balora_config.method: trainer.state.log_history},
+        run_dir / "train_loss.png",
+        title=f"{exp.model.name} · {exp.data.task}",
+    )
     _write_text(run_dir / "README.md", model_card(exp, peft_model.balora_config, metrics, prepared["stats"]))
     return {"metrics": metrics, "final_terms": final_terms, "run_dir": str(run_dir)}
 

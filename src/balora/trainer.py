@@ -65,7 +65,9 @@ class BALoRATrainer(Trainer):
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
         if "labels" not in inputs:
-            raise ValueError("BALoRATrainer needs `labels` in every batch (class ids, regression targets or token ids)")
+            raise ValueError(
+                "BALoRATrainer needs `labels` in every batch (class ids, regression targets or token ids)"
+            )
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         training = model.training
@@ -129,7 +131,9 @@ class BALoRATrainer(Trainer):
             if value is not None:
                 store[name].append(value.detach())
         if training:
-            for name, weight in zip(("lambda_consistency", "lambda_diversity", "lambda_svd"), (l1, l2, l3), strict=True):
+            for name, weight in zip(
+                ("lambda_consistency", "lambda_diversity", "lambda_svd"), (l1, l2, l3), strict=True
+            ):
                 store[name].append(torch.tensor(weight))
         return (loss, outputs) if return_outputs else loss
 
@@ -152,7 +156,9 @@ class BALoRATrainer(Trainer):
             total = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="sum")
             return total, labels.numel()
         flat = labels.view(-1)
-        total = F.cross_entropy(logits.float().view(-1, num_labels), flat, ignore_index=losses.IGNORE_INDEX, reduction="sum")
+        total = F.cross_entropy(
+            logits.float().view(-1, num_labels), flat, ignore_index=losses.IGNORE_INDEX, reduction="sum"
+        )
         return total, int((flat != losses.IGNORE_INDEX).sum())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
