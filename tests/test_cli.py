@@ -17,6 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
+
+from balora.cli import main
+
 from cli_fixtures import (
     N_SST2_VALIDATION,
     REPO_ROOT,
@@ -27,9 +31,6 @@ from cli_fixtures import (
     write_alpaca,
     write_sst2,
 )
-from safetensors.torch import load_file
-
-from balora.cli import main
 
 TERMS = ("task_loss", "consistency_loss", "diversity_loss", "svd_loss")
 

@@ -1,4 +1,4 @@
-"""Every experiment under configs/ parses and validates (no model is loaded), and is headed by the command that runs it.
+"""Every experiment under configs/ parses and validates (no model loads) and is headed by the command that runs it.
 
 The files are found when the tests are collected, so a new config is checked without touching this file. Launcher
 configs (accelerate, DeepSpeed), if any, are only parsed as plain YAML/JSON.

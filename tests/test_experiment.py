@@ -107,7 +107,8 @@ def test_override_into_a_section_that_is_not_a_mapping():
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (_raw(balora={"consistancy_weight": 0.1}), "unknown key balora.consistancy_weight; did you mean 'consistency_weight'?"),
+        (_raw(balora={"consistancy_weight": 0.1}),
+         "unknown key balora.consistancy_weight; did you mean 'consistency_weight'?"),
         (_raw(data={"max_len": 64}), "unknown key data.max_len; did you mean 'max_length'?"),
         (_raw(model={"dtyp": "float32"}), "unknown key model.dtyp; did you mean 'dtype'?"),
         (_raw(training={"learning_rat": 0.1}), "unknown key training.learning_rat; did you mean 'learning_rate'?"),
@@ -188,7 +189,8 @@ def test_out_of_range_values_name_the_key(raw, message):
     [
         ({"lr_scheduler_type": "cosinee"}, "cosinee"),
         ({"eval_strategy": "sometimes"}, "sometimes"),
-        ({"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "epoch"}, "load_best_model_at_end"),
+        ({"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "epoch"},
+         "load_best_model_at_end"),
     ],
 )
 def test_training_arguments_errors_are_config_errors_naming_training(training, needle):

@@ -11,12 +11,13 @@ import json
 
 import pytest
 import torch
-from cli_fixtures import nlg_experiment, nlu_experiment, save_tiny_bert, save_tiny_llama, write_alpaca, write_sst2
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import balora.run
 from balora.cli import main
+
+from cli_fixtures import nlg_experiment, nlu_experiment, save_tiny_bert, save_tiny_llama, write_alpaca, write_sst2
 
 ATOL = 1e-4  # float32
 

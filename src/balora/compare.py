@@ -103,9 +103,10 @@ def plan(config: str | Path, methods: Sequence[str], seeds: Sequence[int], noise
          output_dir: Path, overrides: Sequence[str]) -> list[tuple[RunSpec, Experiment]]:
     """Every run's spec and validated experiment, in the order they run (before anything trains)."""
     runs = []
-    for method in methods:
+    # Seed outermost: an interrupted comparison holds whole seeds of the method × noise grid.
+    for seed in seeds:
         for noise in noises:
-            for seed in seeds:
+            for method in methods:
                 spec = RunSpec(method, noise, seed)
                 per_run = [*METHODS[method], "--training.seed", str(seed), "--data.label_noise", str(noise),
                            "--output_dir", str(output_dir / spec.subdir())]

@@ -95,6 +95,14 @@ class BALoRAConfig:
         default=0.05, metadata={"help": "two_phase: fraction of steps of the linear ramp."}
     )
 
+    teacher_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "NLU: keep each training row's teacher logits after its first forward and reuse them in later "
+            "epochs (keyed by the row's token ids, so changed data or tokenizer never hits a stale entry)."
+        },
+    )
+
     def __post_init__(self) -> None:
         _check_choice("method", self.method, ("lora", "pissa", "balora"))
         if self.task is not None:
@@ -135,6 +143,10 @@ class BALoRAConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]; got {value!r}")
+        if self.teacher_cache and self.task == "nlg":
+            raise ValueError(
+                "teacher_cache is for NLU only (NLG teacher logits are (T, V) per row, too large to keep); set it false"
+            )
         if self.method != "balora" and any(
             getattr(self, n) for n in ("consistency_weight", "diversity_weight", "svd_weight")
         ):

@@ -219,7 +219,7 @@ def nlg_fused_loss(
     entropy_top_k: int = 20,
     svd_top_k: int = 10,
     svd_method: SVDMethod = "randomized",
-    svd_oversample: int = 5,
+    svd_oversample: int = 20,
     svd_niter: int = 2,
     svd_seed: int | None = None,
     chunk_size: int | None = None,

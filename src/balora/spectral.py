@@ -42,7 +42,7 @@ __all__ = [
 
 SVDMethod = Literal["randomized", "exact"]
 
-_CHUNK_BYTES = 8 << 20  # default row-chunk scratch: 8 MiB of float32 (42 rows at V = 49,152)
+_CHUNK_BYTES = 2 << 20  # default row-block scratch: 2 MiB of float32 (10 rows at V = 49,152), cache-sized
 
 
 def default_chunk_rows(n_cols: int) -> int:
@@ -161,19 +161,40 @@ def _ritz_row_basis(flat: Tensor, segs: Segments, basis: Tensor, chunk: int) -> 
     return u, s, ph @ basis.T
 
 
-def _randomized(flat: Tensor, segs: Segments, m: int, q: int, niter: int, seed: int | None, chunk: int):
-    """Halko et al. (2009) Alg. 4.4 + 5.1 on the row chunks: for M < V the same sequence `torch.svd_lowrank` runs."""
+def _power_pass(flat: Tensor, segs: Segments, basis: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(Y = Z basis (M, q), X = Zᵀ Y (V, q), ‖Z‖_F² float64) in one read of Z: each block is used twice in cache."""
+    y = basis.new_empty(sum(b - a for a, b, _ in segs), basis.shape[1])
+    x = basis.new_zeros(basis.shape)
+    sq = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for a, b, _, z in row_blocks(flat, segs, chunk):
+        x.addmm_(z.T, torch.mm(z, basis, out=y[a:b]))
+        sq += torch.linalg.vector_norm(z).double().square()
+    return y, x, sq
+
+
+def _randomized(flat: Tensor, segs: Segments, q: int, niter: int, seed: int | None, chunk: int):
+    """Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4 and 5.1) in niter + 1 reads of Z.
+
+    Each pass applies ZᵀZ to the current (V, q) basis, block by block (Y = Z Q, X = Zᵀ Y), then re-orthonormalises
+    X. The last pass's Y spans Z (ZᵀZ)^niter Ω, the same subspace `torch.svd_lowrank(Z, q, niter)` reaches with
+    2·niter + 2 reads, and the Rayleigh–Ritz step is done on it from (Y, X) alone: with Y = P S Wᵀ, Pᵀ Z = S⁻¹ Wᵀ Xᵀ
+    (in float64; directions with S below the float32 rank tolerance are dropped).
+    """
     generator = None
     if seed is not None:
         generator = torch.Generator(device=flat.device)
         generator.manual_seed(seed)
-    omega = torch.randn(m, q, generator=generator, device=flat.device, dtype=torch.float32)
-    x, sq = _t_times(flat, segs, omega, chunk)  # (V, q)
-    basis = torch.linalg.qr(x).Q
-    for _ in range(niter):
-        left = torch.linalg.qr(_times(flat, segs, basis, chunk)).Q  # (M, q)
-        basis = torch.linalg.qr(_t_times(flat, segs, left, chunk)[0]).Q  # (V, q)
-    return (*_ritz_row_basis(flat, segs, basis, chunk), sq)
+    basis = torch.randn(flat.shape[1], q, generator=generator, device=flat.device, dtype=torch.float32)  # Ω (V, q)
+    for i in range(niter + 1):
+        y, x, sq = _power_pass(flat, segs, basis, chunk)
+        if i < niter:
+            basis = torch.linalg.qr(x).Q
+    p, s_y, wh = torch.linalg.svd(y.double(), full_matrices=False)  # Y = P diag(S) Wᵀ
+    keep = s_y > s_y[0] * max(y.shape) * torch.finfo(torch.float32).eps
+    p, s_y, wh = p[:, keep], s_y[keep], wh[keep]
+    projected = (wh @ x.double().T) / s_y[:, None]  # Pᵀ Z (r, V)
+    ub, s, vh = torch.linalg.svd(projected, full_matrices=False)
+    return (p @ ub).float(), s.float(), vh.float(), sq
 
 
 def _exact(flat: Tensor, segs: Segments, rows: Tensor, k: int, chunk: int):
@@ -207,7 +228,7 @@ def top_singular(
     *,
     top_k: int = 10,
     method: SVDMethod = "randomized",
-    oversample: int = 5,
+    oversample: int = 20,
     niter: int = 2,
     seed: int | None = None,
     chunk_size: int | None = None,
@@ -225,8 +246,6 @@ def top_singular(
         raise ValueError(f"method must be 'randomized' or 'exact'; got {method!r}")
     m, v = rows.numel(), flat.shape[1]
     chunk = chunk_size or default_chunk_rows(v)
-    if flat.dtype == torch.float32:  # blocks are views: larger ones only mean fewer, larger matmuls
-        chunk = max(chunk, 4096)
     segs = row_segments(rows)
     k = min(top_k, m, v)
     if k == 0:  # nothing supervised
@@ -236,7 +255,7 @@ def top_singular(
     if method == "exact" or min(m, v) <= 2 * q:
         u, s, vh, sq = _exact(flat, segs, rows, k, chunk)
     else:
-        u, s, vh, sq = _randomized(flat, segs, m, q, niter, seed, chunk)
+        u, s, vh, sq = _randomized(flat, segs, q, niter, seed, chunk)
     return _drop_zero(u, s, vh, k, sq.sqrt(), (m, v))
 
 
@@ -278,7 +297,7 @@ def nlg_svd_loss(
     labels: Tensor,
     *,
     top_k: int = 10,
-    oversample: int = 5,
+    oversample: int = 20,
     niter: int = 2,
     method: SVDMethod = "randomized",
     seed: int | None = None,

@@ -18,6 +18,7 @@ The Trainer is told the loss is already scaled (`loss_is_scaled_for_ga = True`).
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from typing import Any
 
@@ -49,6 +50,9 @@ class BALoRATrainer(Trainer):
         # count the items of each optimizer step (it does so only for models that take loss kwargs).
         self.model_accepts_loss_kwargs = True
         self._term_logs: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # NLU teacher cache: row key -> the teacher's logits for that row (see `row_keys`).
+        self._teacher_cache: dict[bytes, Tensor] = {}
+        self._cache_hits = self._cache_misses = 0
 
     # ------------------------------------------------------------------------------------------------------------
     def current_weights(self) -> tuple[float, float, float]:
@@ -76,8 +80,7 @@ class BALoRATrainer(Trainer):
 
         teacher_logits = None
         if l1 > 0:
-            with pretrained_teacher(model):
-                teacher_logits = model(**model_inputs).logits
+            teacher_logits = self._teacher_logits(model, model_inputs)
         outputs = model(**model_inputs)
         logits = outputs.logits
 
@@ -137,6 +140,23 @@ class BALoRATrainer(Trainer):
                 store[name].append(torch.tensor(weight))
         return (loss, outputs) if return_outputs else loss
 
+    def _teacher_logits(self, model: torch.nn.Module, model_inputs: dict[str, Any]) -> Tensor:
+        """The pre-trained model's logits, from the NLU cache when every row of the batch is in it."""
+        if not self.balora_config.teacher_cache:
+            with pretrained_teacher(model):
+                return model(**model_inputs).logits
+        keys = row_keys(model_inputs)
+        cached = [self._teacher_cache.get(k) for k in keys]
+        if all(c is not None for c in cached):
+            self._cache_hits += len(keys)
+            return torch.stack(cached)  # type: ignore[arg-type]
+        with pretrained_teacher(model):
+            logits = model(**model_inputs).logits
+        for key, row in zip(keys, logits.detach(), strict=True):
+            self._teacher_cache[key] = row
+        self._cache_misses += len(keys)
+        return logits
+
     def _accumulation_steps(self) -> int:
         return int(getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps) or 1)
 
@@ -169,4 +189,31 @@ class BALoRATrainer(Trainer):
             if values:
                 logs[f"{prefix}{name}"] = torch.stack([v.float().cpu() for v in values]).mean().item()
         store.clear()
+        if split == "train" and self.balora_config.teacher_cache and self._cache_hits + self._cache_misses:
+            logs["teacher_cache_hit_rate"] = self._cache_hits / (self._cache_hits + self._cache_misses)
+            self._cache_hits = self._cache_misses = 0  # the rate since the last log
         super().log(logs, start_time)
+
+
+def row_keys(model_inputs: dict[str, Any]) -> list[bytes]:
+    """One key per row: a digest of every model input of that row, padding removed.
+
+    The teacher's output for a row is a function of exactly these tensors, so a changed dataset, tokenizer or max
+    length gives a different key and can never reuse a stale cache entry.
+    """
+    tensors = {k: v.detach().cpu() for k, v in model_inputs.items() if isinstance(v, Tensor) and v.dim() >= 1}
+    if "input_ids" not in tensors:
+        raise ValueError("teacher_cache needs input_ids in the batch")
+    mask = tensors.get("attention_mask")
+    keys = []
+    for row in range(tensors["input_ids"].shape[0]):
+        digest = hashlib.blake2b(digest_size=16)
+        for name in sorted(tensors):
+            value = tensors[name][row]
+            if mask is not None and value.dim() >= 1 and value.shape[0] == mask.shape[1]:
+                value = value[mask[row].bool()]
+            digest.update(name.encode())
+            digest.update(str(value.dtype).encode())
+            digest.update(value.contiguous().numpy().tobytes())
+        keys.append(digest.digest())
+    return keys

@@ -1,0 +1,178 @@
+"""`balora compare` on a tiny saved BERT: the grid, the three output files, and resuming without redoing runs."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from balora import compare as compare_module
+from balora.cli import main
+from balora.experiment import ConfigError
+
+GOOD = "good great fine nice happy".split()
+BAD = "bad awful poor sad ugly".split()
+FILLER = "the a film movie plot story was is very quite".split()
+
+
+def save_tiny_bert(folder: Path) -> Path:
+    """A 2-layer BERT with a word-level tokenizer, saved as a model folder `load_model` reads (no downloads)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(special + GOOD + BAD + FILLER)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                        model_max_length=32)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=40, num_labels=2, pad_token_id=0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_sentiment(path: Path, n: int, seed: int) -> Path:
+    """SST-2-like rows: label 1 when the sentence holds a GOOD word, 0 for a BAD word."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = rng.sample(FILLER, 3) + [rng.choice(GOOD if label else BAD)]
+            rng.shuffle(words)
+            f.write(json.dumps({"sentence": " ".join(words), "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with `model/`, `train.jsonl`, `validation.jsonl` and `experiment.yaml` (2 optimizer steps)."""
+    root = tmp_path_factory.mktemp("tiny_sst2")
+    save_tiny_bert(root / "model")
+    write_sentiment(root / "train.jsonl", 48, seed=1)
+    write_sentiment(root / "validation.jsonl", 24, seed=2)
+    experiment = {
+        "model": {"name": str(root / "model"), "dtype": "float32", "device": "cpu"},
+        "data": {"task": "sst2", "train_file": str(root / "train.jsonl"),
+                 "validation_file": str(root / "validation.jsonl"), "max_length": 16},
+        "balora": {"method": "balora", "r": 2, "target_modules": ["query", "value"], "svd_top_k": 1},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32,
+                     "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no",
+                     "seed": 0, "report_to": [], "disable_tqdm": True},
+        "output_dir": str(root / "runs" / "default"),
+    }
+    (root / "experiment.yaml").write_text(yaml.safe_dump(experiment))
+    return root
+
+
+def _metric_by_run(result: dict) -> dict[tuple[str, float, int], float]:
+    return {(r["method"], r["noise"], r["seed"]): r["metrics"]["eval_accuracy"] for r in result["runs"]}
+
+
+def test_compare_grid_files_and_resume(tiny_setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tiny_setup / "cmp"
+    real_train = compare_module.train_experiment
+    calls: list[str] = []
+
+    def crashing(experiment, **kw):  # noqa: ANN001, ANN003, ANN202
+        calls.append(experiment.output_dir)
+        if len(calls) == 3:  # the third run dies half-way: a run dir without metrics.json
+            Path(experiment.output_dir).mkdir(parents=True)
+            (Path(experiment.output_dir) / "config.yaml").write_text("half-written")
+            raise RuntimeError("simulated crash")
+        return real_train(experiment, **kw)
+
+    monkeypatch.setattr(compare_module, "train_experiment", crashing)
+    args = ["compare", str(tiny_setup / "experiment.yaml"), "--methods", "lora,balora", "--seeds", "2",
+            "--label-noise", "0,0.25", "--output-dir", str(out)]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(args)
+    assert len(calls) == 3
+    assert not (out / "comparison.md").exists()
+
+    calls.clear()
+    counting = lambda experiment, **kw: (calls.append(experiment.output_dir), real_train(experiment, **kw))[1]  # noqa: E731
+    monkeypatch.setattr(compare_module, "train_experiment", counting)
+    assert main(args) == 0
+    assert len(calls) == 6, "the two finished runs must not be redone; the crashed one is redone"
+    assert str(out / "lora/noise-0.25/seed-0") in calls  # the crashed (third) run
+
+    result = json.loads((out / "comparison.json").read_text())
+    assert len(result["runs"]) == 8
+    assert {(r["method"], r["noise"], r["seed"]) for r in result["runs"]} == {
+        (m, p, s) for m in ("lora", "balora") for p in (0.0, 0.25) for s in (0, 1)
+    }
+    assert sum(r["reused"] for r in result["runs"]) == 2
+    for run in result["runs"]:
+        assert 0.0 <= run["metrics"]["eval_accuracy"] <= 1.0
+        assert run["wall_seconds"] > 0
+        diagnostics = run["diagnostics"]
+        assert diagnostics["drift_kl"] >= 0.0
+        assert (diagnostics["memorisation"] is None) == (run["noise"] == 0.0)
+        saved = yaml.safe_load((Path(run["run_dir"]) / "config.yaml").read_text())
+        assert saved["training"]["seed"] == run["seed"] and saved["data"]["label_noise"] == run["noise"]
+        assert saved["training"]["max_steps"] == 2 and saved["balora"]["r"] == 2  # everything else identical
+    assert {row["method"] for row in result["summary"]} == {"lora", "balora"}
+    for row in result["summary"]:
+        stat = row["eval_accuracy"]
+        assert stat["n"] == 2 and stat["std"] >= 0.0
+        values = [r["metrics"]["eval_accuracy"] for r in result["runs"]
+                  if (r["method"], r["noise"]) == (row["method"], row["noise"])]
+        assert stat["mean"] == pytest.approx(sum(values) / 2)
+    table = (out / "comparison.md").read_text()
+    assert "| lora |" in table and "| balora |" in table and "noise 0.25" in table and "drift" in table
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A run whose metrics.json is gone is redone, alone, and reproduces its figures.
+    before = _metric_by_run(result)
+    (out / "balora/noise-0/seed-1/metrics.json").unlink()
+    calls.clear()
+    assert main(args) == 0
+    assert calls == [str(out / "balora/noise-0/seed-1")]
+    after = _metric_by_run(json.loads((out / "comparison.json").read_text()))
+    assert after == before
+
+
+def test_compare_refuses_a_changed_config(tiny_setup: Path) -> None:
+    out = tiny_setup / "cmp_changed"
+    base = ["compare", str(tiny_setup / "experiment.yaml"), "--methods", "lora", "--seeds", "1",
+            "--output-dir", str(out)]
+    assert main(base) == 0
+    with pytest.raises(ConfigError, match="different 'training' section"):
+        compare_module.compare(tiny_setup / "experiment.yaml", methods=["lora"], seeds=[0], noises=[0.0],
+                               output_dir=out, overrides=["--training.learning_rate", "0.5"])
+
+
+def test_methods_seeds_and_noise_parsing() -> None:
+    assert compare_module.parse_methods("lora, pissa,balora-nosvd") == ["lora", "pissa", "balora-nosvd"]
+    with pytest.raises(ConfigError, match="full fine-tuning is not implemented"):
+        compare_module.parse_methods("lora,full")
+    with pytest.raises(ConfigError, match="unknown method 'dora'"):
+        compare_module.parse_methods("dora")
+    assert compare_module.parse_seeds("3") == [0, 1, 2]
+    assert compare_module.parse_seeds("7,42") == [7, 42]
+    with pytest.raises(ConfigError):
+        compare_module.parse_seeds("0")
+    assert compare_module.parse_noise("0,0.2,0.4") == [0.0, 0.2, 0.4]
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        compare_module.parse_noise("0,1.5")
+
+
+def test_baseline_methods_override_regularizer_weights(tiny_setup: Path) -> None:
+    runs = compare_module.plan(tiny_setup / "experiment.yaml", ["lora", "pissa", "balora", "balora-nosvd"], [3],
+                               [0.0], tiny_setup / "plan", ["--balora.svd_weight", "0.5"])
+    by_method = {spec.method: exp for spec, exp in runs}
+    assert by_method["lora"].balora.svd_weight == 0.0 and by_method["pissa"].balora.method == "pissa"
+    assert by_method["balora"].balora.svd_weight == 0.5
+    assert by_method["balora-nosvd"].balora.svd_weight == 0.0 and by_method["balora-nosvd"].balora.method == "balora"
+    assert all(exp.training["seed"] == 3 for exp in by_method.values())
