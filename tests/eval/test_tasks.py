@@ -10,6 +10,7 @@ import pytest
 import torch
 from tiny_lm import tiny_causal_lm, tiny_tokenizer
 
+from balora.eval import problems as problems_module
 from balora.eval.files import write_json_atomic
 from balora.eval.perplexity import evaluate_perplexity
 from balora.eval.problems import build_prompt, load_problems
@@ -59,8 +60,9 @@ def test_malformed_rows_name_file_and_line(tmp_path: Path):
         load_problems("gsm9k")
 
 
-def test_humaneval_without_data_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch):
+def test_humaneval_without_data_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(problems_module, "DATA_DIR", tmp_path)  # no HumanEval file in data/humaneval
     with pytest.raises(RuntimeError, match="pass data_file=PATH"):
         load_problems("humaneval")
 

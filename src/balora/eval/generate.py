@@ -93,7 +93,7 @@ def _generation_config(model: Any, tokenizer: Any, max_new_tokens: int, n: int, 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token first")
-    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else None
+    eos = model.generation_config.eos_token_id  # the model's own end token(s), e.g. <|im_end|> for chat models
     sampling = temperature > 0
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
