@@ -309,6 +309,13 @@ def test_resume_continues_from_the_checkpoint(assets, nlu_run, tmp_path, monkeyp
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_resume_without_a_checkpoint_exits_2(assets, tmp_path, capsys, no_model_load):
+    assert main(["train", str(_nlu(tmp_path, assets)), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "no checkpoint" in err and str(tmp_path / "nlu") in err
+    assert not (tmp_path / "nlu").exists()
+
+
 def test_ctrl_c_exits_130_and_points_to_resume(assets, tmp_path, capsys, monkeypatch):
     from balora.trainer import BALoRATrainer
 

@@ -31,7 +31,10 @@ def _is_launcher(path: Path) -> bool:
         return True
     if path.suffix == ".json":
         return True
-    head = yaml.safe_load(path.read_text())
+    try:
+        head = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return False  # reported by the experiment test, not at collection
     return isinstance(head, dict) and bool(LAUNCHER_KEYS & set(head))
 
 
@@ -92,3 +95,10 @@ def test_launcher_config_parses(path):
     text = path.read_text()
     data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     assert isinstance(data, dict) and data
+    first = text.splitlines()[0]
+    if first.startswith("# accelerate launch"):  # the example command must use this file and a real experiment
+        words = shlex.split(first[2:])
+        assert words[words.index("--config_file") + 1] == _id(path)
+        for word in words:
+            if word.startswith("configs/") and word != _id(path):
+                assert (REPO_ROOT / word).is_file(), f"{_id(path)}: its command names {word}, which does not exist"

@@ -121,7 +121,46 @@ def test_trained_run_drifts(tiny_setup: Path) -> None:  # noqa: F811
         "--balora.method", "lora", "--training.max_steps", "4", "--output_dir", str(out)])
     train_experiment(experiment)
     result = diagnose_run(out)
-    assert result["drift_kl"] > 1e-4
+    assert result["drift_kl"] > 1e-6  # an untrained run gives ~1e-12
     assert result["memorisation"] is None and 0.0 <= result["clean_fit"] <= 1.0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["data"]["label_noise"] == 0.0
+
+
+def test_nlg_diagnostics_on_a_tiny_causal_lm(tmp_path: Path) -> None:
+    """Instruction tuning with learning rate 0: no drift, no perplexity change, and the sampling figures computed."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "eval"))
+    from tiny_lm import tiny_causal_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tiny_causal_lm(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = [{"instruction": "the cat sat on a mat", "input": "", "output": f"the dog ran far {i} and {i + 1}"}
+            for i in range(8)]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    out = tmp_path / "run"
+    experiment, _ = load_experiment(_write_nlg_config(tmp_path), ["--output_dir", str(out)])
+    train_experiment(experiment)
+    result = diagnose_run(out, drift_file=tmp_path / "train.json", drift_samples=4, generations=2, max_new_tokens=6)
+    assert result["task"] == "nlg" and result["examples"] == 4 and result["tokens"] > 0
+    assert result["drift_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert result["perplexity_change"] == pytest.approx(0.0, abs=1e-3 * result["perplexity_pretrained"])
+    assert len(result["samples"]) == 2 and 0.0 <= result["distinct_1"] <= 1.0
+    assert result["distinct_1"] == result["pretrained_distinct_1"]  # same model, same seed, same samples
+    assert result["memorisation"] is None
+
+
+def _write_nlg_config(root: Path) -> Path:
+    config = {
+        "model": {"name": str(root / "model"), "dtype": "float32", "device": "cpu"},
+        "data": {"task": "instruct", "train_file": str(root / "train.json"), "max_length": 32},
+        "balora": {"method": "balora", "r": 2, "target_modules": ["q_proj", "v_proj"]},
+        "training": {"max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 0.0, "logging_steps": 1,
+                     "save_strategy": "no", "seed": 0, "report_to": [], "disable_tqdm": True},
+        "output_dir": str(root / "run"),
+    }
+    path = root / "nlg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

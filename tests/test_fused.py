@@ -261,3 +261,19 @@ def test_bad_arguments_raise():
         nlg_fused_loss(logits, labels[:, :2])
     with pytest.raises(ValueError, match="ce_denominator"):
         nlg_fused_loss(logits, labels, ce_denominator=0.0)
+
+
+def test_worker_threads_match_one_thread_and_restore_the_setting():
+    logits, teacher, labels = make_batch(2, 30, 41)
+    kw = dict(chunk_size=3, svd_weight=0.3, svd_method="exact", **WEIGHTS)
+    threads = torch.get_num_threads()
+    total, terms, grad = run_fused(logits, labels, teacher, **kw)  # blocks shared out to worker threads
+    assert torch.get_num_threads() == threads
+    torch.set_num_threads(1)
+    try:
+        total_1, terms_1, grad_1 = run_fused(logits, labels, teacher, **kw)  # one worker, in order
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(total, total_1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, grad_1, rtol=1e-6, atol=1e-9)
+    assert terms.keys() == terms_1.keys()

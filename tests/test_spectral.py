@@ -1,4 +1,4 @@
-"""Tests for `balora.spectral`: the SVD term with an explicit gradient, randomized and exact, and its hidden-space form.
+"""Tests for `balora.spectral`: the SVD term with an explicit gradient (randomized, exact) and its hidden-space form.
 
 References: float64 `torch.linalg.svd` + autograd written here, and `losses.nlg_svd`. Randomized paths are tested on
 matrices with a geometrically decaying spectrum (a flat spectrum has no well-defined top-k), against the exact top-k.
@@ -132,18 +132,18 @@ def test_randomized_seed_is_reproducible_and_leaves_global_rng_alone():
     torch.testing.assert_close(value, a.loss())
 
 
-def test_explicit_gradient_beats_autograd_through_the_sketch():
-    """The issue's claim, on a slowly decaying spectrum: the closed form stays ≥ 0.99, the sketch's autograd does not."""
-    torch.manual_seed(1)
-    z = decaying(400, 900, rank=200, ratio=0.97)
+@pytest.mark.parametrize("spectrum", ["geometric 0.97", "power -0.5"])
+def test_default_randomized_gradient_on_slowly_decaying_spectra(spectrum):
+    """σ_10/σ_11 close to 1: the paper's q = k + 5 is not enough here (cosine 0.8-0.99); the default q = k + 20 is."""
+    s = 0.97 ** torch.arange(200.0) if spectrum.startswith("geometric") else (1 + torch.arange(400.0)) ** -0.5
+    u, w = torch.linalg.qr(torch.randn(400, s.numel())).Q, torch.linalg.qr(torch.randn(900, s.numel())).Q
+    logits = torch.cat([(u * s * 100) @ w.T, torch.zeros(1, 900)])[None]
     labels = torch.ones(1, 401, dtype=torch.long)
-    logits = torch.cat([z, torch.zeros(1, 900)])[None]
-    _, want_grad = grad_of(lambda x: ref_svd_loss(x[0, :-1], 10), logits.double())
-    _, grad = grad_of(lambda x: nlg_svd_loss(x, labels, seed=0), logits)
-    assert cosine(grad, want_grad) >= 0.99
-    torch.manual_seed(0)
-    _, sketch_grad = grad_of(lambda x: nlg_svd(x, labels), logits)
-    assert cosine(sketch_grad, want_grad) < cosine(grad, want_grad)
+    want, want_grad = grad_of(lambda x: ref_svd_loss(x[0, :-1], 10), logits.double())
+    for seed in range(3):
+        value, grad = grad_of(lambda x, s=seed: nlg_svd_loss(x, labels, seed=s), logits)
+        assert cosine(grad, want_grad) >= 0.99
+        torch.testing.assert_close(value.double(), want, rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

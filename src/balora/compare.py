@@ -121,7 +121,7 @@ def _same_config(run_dir: Path, experiment: Experiment) -> None:
     """A finished run is reused only if it was trained with this experiment (the resolved balora section aside)."""
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     wanted = experiment.to_dict()
-    for section in ("model", "data", "training", "output_dir"):
+    for section in ("model", "data", "training"):
         if saved.get(section) != wanted[section]:
             raise ConfigError(
                 f"{run_dir} was trained with a different {section!r} section ({saved.get(section)!r}, now "

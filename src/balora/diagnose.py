@@ -15,6 +15,7 @@ whose random initialisation is reproduced by seeding as `train_experiment` does 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -116,7 +117,8 @@ def _pool(hidden: Tensor, attention_mask: Tensor, first_token: bool) -> Tensor:
     """The hidden state the classification head reads: [CLS] (encoders) or the last non-pad token (decoders)."""
     if first_token:
         return hidden[:, 0]
-    last = attention_mask.sum(dim=1) - 1
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask * positions).argmax(dim=1)  # right or left padding
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
@@ -127,7 +129,7 @@ def classifier_pass(model: torch.nn.Module, dataset: Any, collator: Any, *, batc
     first_token = not hasattr(model.base_model.model, "score")  # `score` heads (decoders) read the last token
     logits, features = [], []
     device = _device(model)
-    context = model.disable_adapter() if pretrained else _null()
+    context = model.disable_adapter() if pretrained else contextlib.nullcontext()
     with context:
         for batch in _batches(dataset.remove_columns(["labels"]), collator, batch_size):
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -135,14 +137,6 @@ def classifier_pass(model: torch.nn.Module, dataset: Any, collator: Any, *, batc
             logits.append(out.logits.float().cpu())
             features.append(_pool(out.hidden_states[-1], batch["attention_mask"], first_token).float().cpu())
     return torch.cat(logits), torch.cat(features)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def nlu_diagnostics(experiment: Any, model: Any, tokenizer: Any, run_dir: Path, batch_size: int) -> dict[str, Any]:

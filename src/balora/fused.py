@@ -1,31 +1,31 @@
-"""Task cross-entropy and BA-LoRA's NLG regularizers in one chunked pass with closed-form gradients.
+"""Task cross-entropy and BA-LoRA's NLG regularizers in one blocked pass with closed-form gradients.
 
-Paper: Chang et al., arXiv 2408.04556, Section 3.2, Eq. 7 (consistency), Eq. 8 (diversity), Eq. 9 (SVD). The values
-equal the plain references in `balora.losses`; only the way they are computed differs. The idea is Liger-Kernel's
-chunked losses (Hsu et al., arXiv 2410.10989), in plain torch so that it runs on CPU and GPU without compilation:
+Paper: Chang et al., arXiv 2408.04556, Section 3.2, Eq. 7 (consistency), 8 (diversity), 9 (SVD). The values equal the
+plain references in `balora.losses`; only how they are computed differs. The idea is Liger-Kernel's chunked losses
+(Hsu et al., arXiv 2410.10989), in plain torch (no compilation) so that it runs on CPU and GPU:
 
-* the M valid rows of the (B, T, V) logits are visited in chunks of `chunk_size` rows, each gathered into float32
-  scratch (whatever the logits' dtype), and every term's value and gradient w.r.t. the chunk is computed there, in
-  closed form, during the forward;
-* the gradient is written into one logits-shaped buffer that this function owns, in the logits' dtype; backward only
-  scales it by the incoming gradient, in place, and hands it over (no second logits-sized tensor).
+* the M valid rows of the (B, T, V) logits are visited in blocks of `chunk_size` consecutive rows (slices of the
+  logits, converted to float32 scratch only when they are not float32), and every term's value and gradient w.r.t.
+  the block are computed there, in closed form, during the forward;
+* each block's gradient is written into one logits-shaped buffer that this function owns (in the logits' dtype; for
+  float32 logits the math writes straight into it); backward scales it by the incoming gradient in place (skipped
+  when that is 1) and hands it over: no second logits-sized tensor ever exists.
 
-Closed forms per valid row z (V,), with M valid rows, `ce_scale` = 1 / ce_denominator, label y (see docs/performance.md):
+Closed forms per valid row z (V,), label y, ce_scale = 1 / ce_denominator (derivations in docs/performance.md):
 
-* cross-entropy:  ∂/∂z = ce_scale · (softmax(z) − onehot(y));
-* consistency T²·mean KL(p ‖ q), p = softmax(z_teacher/T), q = softmax(z/T):  ∂/∂z = (T/M) · (q − p);
-* diversity −mean H(softmax(top-K of z)), with π the top-K softmax:  ∂/∂z_j = π_j (log π_j + H) / M on the top-K
-  indices j, 0 elsewhere;
-* SVD −Σ_{i≤k} σ_i / ‖Z‖_F:  ∂/∂Z = −U_k V_kᵀ/‖Z‖_F + (Σσ/‖Z‖_F³)·Z (`balora.spectral`, factors found first).
+* cross-entropy: ∂/∂z = ce_scale · (softmax(z) − onehot(y));
+* consistency T² · mean KL(p ‖ q), p = softmax(z_teacher / T), q = softmax(z / T): ∂/∂z = (T / M) · (q − p);
+* diversity −mean H(π), π = softmax(top-K of z): ∂/∂z_j = π_j (log π_j + H) / M on the top-K indices j, 0 elsewhere;
+* SVD −Σ_{i≤k} σ_i / ‖Z‖_F: ∂/∂Z = −U_k V_kᵀ / ‖Z‖_F + (Σσ / ‖Z‖_F³) · Z, the factors found first (`balora.spectral`).
 
-Memory beyond the logits (and teacher logits): the gradient buffer (one logits-sized tensor, which autograd would have
-to hold anyway) plus four float32 (chunk, V) scratch buffers (8 MiB each at the default chunk) and, with the SVD term,
-(M + V)·(k + oversample) floats. Backward through the returned total works once (`retain_graph` is not supported: the
-buffer is consumed).
+Memory beyond the logits and teacher logits: the gradient buffer (one logits-sized tensor, which autograd would hold
+anyway), at most four float32 (chunk, V) scratch buffers per worker (2 MiB each at the default chunk), and with the SVD
+term (M + V)·(k + oversample) floats. Backward through the total works once: `retain_graph` is not supported.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +37,13 @@ from balora.spectral import (
     Segments,
     SVDMethod,
     TopSingular,
+    blocks_of,
     default_chunk_rows,
     empty_grad_like,
-    row_blocks,
+    float_rows,
+    map_blocks,
     row_segments,
+    scratch,
     svd_grad_rows,
     top_singular,
     valid_rows,
@@ -89,95 +92,102 @@ def _topk(z: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor, Tensor]:
     return values, cand_idx.gather(1, pos), row_max
 
 
+def _block_terms(
+    z: Tensor, y: Tensor | None, tgt: Tensor, g: Tensor | None, buffer: Callable[[str], Tensor], plan: _Plan, m: int,
+    svd_part: tuple[Tensor, Tensor, Tensor] | None,
+) -> Tensor:
+    """Σ CE, Σ KL, Σ H (float64 (3,)) over one block of n valid rows; writes the block's gradient into g if given.
+
+    z (n, V) float32 logits and y (n, V) teacher logits (None without consistency), read-only; tgt (n, 1) labels;
+    g (n, V) float32 output; buffer(name) an (n, V) float32 scratch; svd_part (−u/‖Z‖ (n, r), vh (r, V), c) or None.
+    """
+    n, v = z.shape
+    t = plan.temperature
+    do_ce, do_kl, do_div = plan.ce_scale is not None, y is not None, plan.diversity_weight != 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=z.device)
+    if g is not None:  # the first term written initialises g: SVD, else CE, else zeros
+        if svd_part is not None:
+            svd_grad_rows(z, svd_part[0], svd_part[1], svd_part[2], out=g)
+        elif not do_ce:
+            g.zero_()
+    if do_div:
+        top_vals, top_idx, z_max = _topk(z, min(plan.entropy_top_k, v))  # (n, K), (n, K), (n, 1)
+    else:
+        z_max = z.amax(dim=-1, keepdim=True)
+    if do_ce or (do_kl and t in (1.0, 2.0)):
+        e = torch.sub(z, z_max, out=buffer("e")).exp_()  # exp(z − max z) ≤ 1
+        s1 = e.sum(dim=-1, keepdim=True)  # (n, 1)
+    if do_ce:
+        sums[0] = (s1.log() - (z.gather(1, tgt) - z_max)).sum()  # log Σ exp(z) − z_y
+        if g is not None:  # ce_scale · (softmax(z) − onehot(y))
+            if svd_part is not None:
+                g.addcmul_(e, plan.ce_scale / s1)
+            else:
+                torch.mul(e, plan.ce_scale / s1, out=g)
+            g.scatter_add_(1, tgt, (-plan.ce_scale).expand(n, 1))
+    if do_kl:
+        y_max = y.amax(dim=-1, keepdim=True)
+        p = torch.add(-y_max / t, y, alpha=1.0 / t, out=buffer("p")).exp_()  # exp((y − max y)/T)
+        sp = p.sum(dim=-1, keepdim=True)  # teacher probabilities = p / sp
+        # KL(p ‖ q) = Σ p·(y − z)/T − (max y − max z)/T + log Σ exp((z − max z)/T) − log sp
+        p_dot = torch.sub(y, z, out=buffer("d")).mul_(p).sum(dim=-1, keepdim=True) / sp
+        if t == 2.0:  # exp((z − max z)/2) = sqrt(exp(z − max z)): one pass instead of two
+            q = torch.sqrt(e, out=buffer("d"))
+        elif t == 1.0:
+            q = e
+        else:
+            q = torch.add(-z_max / t, z, alpha=1.0 / t, out=buffer("d")).exp_()
+        sq = q.sum(dim=-1, keepdim=True)  # student probabilities at T = q / sq
+        sums[1] = ((p_dot - y_max + z_max) / t + sq.log() - sp.log()).sum()
+        if g is not None:  # ∂/∂z of T²·mean KL = (T/M)(q/sq − p/sp)
+            scale = plan.consistency_weight * t / m
+            g.addcmul_(q, scale / sq).addcmul_(p, -scale / sp)
+    if do_div:
+        log_pi = F.log_softmax(top_vals, dim=-1)  # (n, K)
+        pi = log_pi.exp()
+        entropy = -(pi * log_pi).sum(dim=-1, keepdim=True)  # (n, 1)
+        sums[2] = entropy.sum()
+        if g is not None:  # ∂(−H/M)/∂z_j = π_j (log π_j + H) / M on the top-K indices
+            g.scatter_add_(1, top_idx, pi * (log_pi + entropy) * (plan.diversity_weight / m))
+    return sums
+
+
 def _fused_pass(
     logits: Tensor, teacher: Tensor | None, segs: Segments, targets: Tensor, plan: _Plan, svd: TopSingular | None,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(total (), stats (4,) = [mean CE, consistency, diversity, svd], gradient buffer shaped like logits or None)."""
-    v = logits.shape[-1]
-    m = int(targets.numel())
-    t = plan.temperature
-    do_ce, do_kl = plan.ce_scale is not None, plan.consistency_weight != 0.0
-    do_div, do_svd = plan.diversity_weight != 0.0, svd is not None
-    sums = torch.zeros(3, dtype=torch.float64, device=logits.device)  # Σ CE, Σ KL, Σ H over the rows
+    v, m, t, dev = logits.shape[-1], int(targets.numel()), plan.temperature, logits.device
+    flat = logits.detach().reshape(-1, v)
+    teacher_flat = teacher.reshape(-1, v) if teacher is not None else None
     grad = empty_grad_like(logits, segs) if need_grad else None
-    grad_flat = grad.view(-1, v) if need_grad else None
     direct = need_grad and grad.dtype == torch.float32  # write each block's gradient straight into `grad`
-    blocks = row_blocks(logits.reshape(-1, v), segs, plan.chunk)
-    teacher_flat = teacher.reshape(-1, v) if do_kl else None
-    scratch: dict[str, Tensor] = {}
-
-    def buffer(name: str, n: int) -> Tensor:  # (n, V) float32 scratch, allocated once
-        if name not in scratch:
-            scratch[name] = torch.empty(min(plan.chunk, m), v, device=logits.device)
-        return scratch[name][:n]
-
-    if do_svd and need_grad:
+    if svd is not None and need_grad:
         u_scaled, c = svd.grad_terms()
         u_scaled, c = u_scaled * plan.svd_weight, c * plan.svd_weight
-    for a, b, where, z in blocks:  # z: (n, V) float32, read-only (a view of the logits when they are float32)
-        n = b - a
-        g = (grad_flat[where] if direct else buffer("g", n)) if need_grad else None
-        if need_grad:  # the first term written initialises g: SVD, else CE, else zeros
-            if do_svd:
-                svd_grad_rows(z, u_scaled[a:b], svd.vh, c, out=g)
-            elif not do_ce:
-                g.zero_()
-        if do_div:
-            top_vals, top_idx, z_max = _topk(z, min(plan.entropy_top_k, v))  # (n, K), (n, K), (n, 1)
-        else:
-            z_max = z.amax(dim=-1, keepdim=True)
-        if do_ce or (do_kl and t in (1.0, 2.0)):
-            e = torch.sub(z, z_max, out=buffer("e", n)).exp_()  # exp(z − max z) ≤ 1
-            s1 = e.sum(dim=-1, keepdim=True)  # (n, 1)
-        if do_ce:
-            tgt = targets[a:b, None]  # (n, 1)
-            sums[0] += (s1.log() - (z.gather(1, tgt) - z_max)).sum()  # log Σ exp(z) − z_y
-            if need_grad:
-                if do_svd:
-                    g.addcmul_(e, plan.ce_scale / s1)
-                else:
-                    torch.mul(e, plan.ce_scale / s1, out=g)
-                g.scatter_add_(1, tgt, (-plan.ce_scale).expand(n, 1))
-        if do_kl:
-            y = teacher_flat[where]  # (n, V) teacher rows, a view
-            y = y if y.dtype == torch.float32 else buffer("y", n).copy_(y)
-            y_max = y.amax(dim=-1, keepdim=True)
-            p = torch.add(-y_max / t, y, alpha=1.0 / t, out=buffer("p", n)).exp_()  # exp((y − max y)/T)
-            sp = p.sum(dim=-1, keepdim=True)  # teacher probabilities = p / sp
-            # KL(p ‖ q) = Σ p·(y − z)/T − (max y − max z)/T + log Σ exp((z − max z)/T) − log sp
-            d = torch.sub(y, z, out=buffer("d", n)).mul_(p)
-            p_dot = d.sum(dim=-1, keepdim=True) / sp
-            if t == 2.0:  # exp((z − max z)/2) = sqrt(exp(z − max z)): one pass instead of two
-                q = torch.sqrt(e, out=d)
-            elif t == 1.0:
-                q = e
-            else:
-                q = torch.add(-z_max / t, z, alpha=1.0 / t, out=d).exp_()
-            sq = q.sum(dim=-1, keepdim=True)  # student probabilities at T = q / sq
-            sums[1] += ((p_dot - y_max + z_max) / t + sq.log() - sp.log()).sum()
-            if need_grad:
-                scale = plan.consistency_weight * t / m  # ∂/∂z of T²·mean KL = (T/M)(q/sq − p/sp)
-                g.addcmul_(q, scale / sq)
-                g.addcmul_(p, -scale / sp)
-        if do_div:
-            log_pi = F.log_softmax(top_vals, dim=-1)  # (n, K)
-            pi = log_pi.exp()
-            entropy = -(pi * log_pi).sum(dim=-1, keepdim=True)  # (n, 1)
-            sums[2] += entropy.sum()
-            if need_grad:
-                g.scatter_add_(1, top_idx, pi * (log_pi + entropy) * (plan.diversity_weight / m))
-        if need_grad and not direct:
-            grad_flat[where] = g
 
-    sums = sums.float()
-    stats = torch.zeros(4, dtype=torch.float32, device=logits.device)
+    def work(state: dict[str, Tensor], a: int, b: int, rows: slice) -> None:
+        n = b - a
+        z = float_rows(flat, rows, state, "z")  # (n, V) float32, read-only
+        y = float_rows(teacher_flat, rows, state, "y") if teacher_flat is not None else None
+        g = None
+        if need_grad:
+            g = grad.view(-1, v)[rows] if direct else scratch(state, "g", n, v, dev)
+        svd_part = (u_scaled[a:b], svd.vh, c) if svd is not None and need_grad else None
+        sums = _block_terms(z, y, targets[a:b, None], g, lambda key: scratch(state, key, n, v, dev), plan, m, svd_part)
+        state["sums"] = state["sums"] + sums if "sums" in state else sums
+        if need_grad and not direct:
+            grad.view(-1, v)[rows] = g
+
+    states = map_blocks(work, blocks_of(segs, plan.chunk), dev)
+    sums = sum((st["sums"] for st in states if "sums" in st), torch.zeros(3, dtype=torch.float64, device=dev)).float()
+    stats = torch.zeros(4, dtype=torch.float32, device=dev)
     if m > 0:
         stats[0], stats[1], stats[2] = sums[0] / m, sums[1] * (t * t / m), -sums[2] / m
-    if do_svd:
+    if svd is not None:
         stats[3] = svd.loss()
     total = plan.consistency_weight * stats[1] + plan.diversity_weight * stats[2] + plan.svd_weight * stats[3]
-    if do_ce:
+    if plan.ce_scale is not None:
         total = total + sums[0] * plan.ce_scale
     return total, stats, grad
 
@@ -232,17 +242,18 @@ def nlg_fused_loss(
     labels[:, t + 1]; the M valid positions are those of `losses.nlg_valid_mask`. Returns (total, terms):
 
         total = Σ_valid CE / ce_denominator + consistency_weight · consistency + diversity_weight · diversity
-                + svd_weight · svd                                       (0-dim float32, differentiable w.r.t. logits)
+                + svd_weight · svd                                   (0-dim float32, differentiable w.r.t. logits)
 
-    with `ce_denominator=None` meaning M (a per-batch mean); pass the Trainer's `num_items_in_batch` to normalise by the
-    global token count. The regularizers are per-batch means over the local M rows, as in `losses`. `terms` holds
+    with `ce_denominator=None` meaning M (a per-batch mean); pass the Trainer's `num_items_in_batch` to normalise by
+    the global token count. The regularizers are per-batch means over the local M rows, as in `losses`. `terms` holds
     detached float32 values of the computed terms only: "task_loss" (mean CE over the M tokens, whatever the
     denominator), "consistency_loss" (= `losses.nlg_consistency`), "diversity_loss" (= `losses.nlg_diversity`) and
     "svd_loss" (= `spectral.nlg_svd_loss`). A term with weight 0 (or `with_task_loss=False`) is not computed. No valid
     position gives total 0 with a zero gradient.
 
-    `chunk_size` rows per chunk (default: 8 MiB of float32 per scratch row block); the SVD options are those of
-    `spectral.top_singular`. Backward may run once per call (the gradient buffer is handed over, not copied).
+    `chunk_size` rows per block (default: 2 MiB of float32 per block); the SVD options are those of
+    `spectral.top_singular` (its default oversample is 20, not the paper's 5: see there). Logits that are not
+    contiguous are copied once. Backward may run once per call (the gradient buffer is handed over, not copied).
     """
     if logits.dim() != 3 or logits.shape[:2] != labels.shape:
         raise ValueError(
@@ -250,7 +261,7 @@ def nlg_fused_loss(
         )
     if consistency_weight != 0.0:
         if teacher_logits is None:
-            raise ValueError("consistency_weight != 0 needs teacher_logits (B, T, V); pass them or set the weight to 0")
+            raise ValueError("consistency_weight != 0 needs teacher_logits (B, T, V); pass them or set it to 0")
         if teacher_logits.shape != logits.shape:
             raise ValueError(
                 f"teacher_logits {tuple(teacher_logits.shape)} must match logits {tuple(logits.shape)}"

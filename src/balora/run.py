@@ -159,6 +159,9 @@ def train_experiment(exp: Experiment, *, resume: bool = False) -> dict[str, Any]
     from transformers import set_seed
 
     run_dir = Path(exp.output_dir)
+    if resume and not (run_dir.is_dir() and any(run_dir.glob("checkpoint-*/trainer_state.json"))):
+        raise ConfigError(f"--resume: {run_dir} holds no checkpoint-*/ to continue from; run without --resume "
+                          "(checkpoints are written when training.save_strategy is not 'no')")
     run_dir.mkdir(parents=True, exist_ok=True)
     args = exp.training_arguments()
     set_seed(args.seed)

@@ -1,27 +1,24 @@
 """The NLG SVD regularizer (paper Eq. 9) with an explicit gradient, and its exact hidden-space form for a frozen head.
 
 L = −S / ‖Z‖_F with S = Σ_{i≤k} σ_i(Z), Z (M, V) the logits at the M valid positions (`losses.nlg_valid_mask`).
-Where σ_k > σ_{k+1}, ∂S/∂Z = U_k V_kᵀ, hence
+Where σ_k > σ_{k+1}, ∂S/∂Z = U_k V_kᵀ, hence ∂L/∂Z = −U_k V_kᵀ / ‖Z‖_F + (S / ‖Z‖_F³) · Z.
 
-    ∂L/∂Z = −U_k V_kᵀ / ‖Z‖_F + (S / ‖Z‖_F³) · Z.
+Autograd through `torch.svd_lowrank` (the paper's code, `losses.nlg_svd`) also differentiates the random sketch
+(pytorch#69531) and costs 2-3× more. Here the top-k factors are found without autograd, reading Z block by block (no
+float32 copy of the (M, V) logits), and the formula above is applied in backward. Singular values below 1e-5·σ_max
+(float32 round-off of a rank-deficient Z: k ≥ rank, identical rows) are dropped with their vectors: there L is not
+differentiable and this returns the minimum-norm element of the superdifferential. Z = 0 gives L = 0, zero gradient.
 
-Autograd through `torch.svd_lowrank` (what the paper's code and `losses.nlg_svd` do) differentiates the random sketch
-too, costs 2-3× more and gives a gradient whose cosine to the exact one is 0.5-0.9 (pytorch#69531). Here the top-k
-factors are computed without autograd and the formula above is applied in backward, one row chunk at a time, so no
-float32 (M, V) copy of the logits is made. Zero singular values (k ≥ rank, identical rows, Z = 0) contribute nothing to S
-and are dropped from U_k V_kᵀ: at such points L is not differentiable and this picks the minimum-norm element of the
-superdifferential; Z = 0 gives L = 0 with a zero gradient.
-
-`hidden_svd_loss`: with a frozen, bias-free head W (V, d), Z = H Wᵀ and Z Zᵀ = H (WᵀW) Hᵀ = (H R)(H R)ᵀ for any
-R Rᵀ = WᵀW (R (d, d) from the eigendecomposition of the d × d Gram, computed once per head). So σ(Z) = σ(H R) and
-‖Z‖_F = ‖H R‖_F: the exact top-k values come from an (M, d) SVD, the gradient flows into H as ∂L/∂(HR) · Rᵀ, and no
-(M, V) matrix exists at all.
+`hidden_svd_loss`: with a frozen, bias-free head W (V, d), Z = H Wᵀ and Z Zᵀ = (H R)(H R)ᵀ for any R Rᵀ = WᵀW (from
+the d × d Gram, computed once per head). So σ(Z) = σ(H R), ‖Z‖_F = ‖H R‖_F, the top-k come from a small symmetric
+eigenproblem, the gradient flows into H as ∂L/∂(HR) · Rᵀ, and no (M, V) matrix exists at all.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,23 +27,24 @@ from torch import Tensor
 
 from balora.losses import IGNORE_INDEX, nlg_valid_mask
 
-__all__ = [
-    "SVDMethod",
-    "TopSingular",
-    "clear_head_cache",
-    "head_gram_root",
-    "hidden_svd_loss",
-    "nlg_svd_loss",
-    "top_singular",
-]
+__all__ = ["SVDMethod", "TopSingular", "clear_head_cache", "head_gram_root", "hidden_svd_loss", "nlg_svd_loss",
+           "top_singular"]
 
 SVDMethod = Literal["randomized", "exact"]
+Segments = list[tuple[int, int, int]]  # runs of consecutive valid rows: (start, stop) in 0..M, first row in 0..B·T
+Block = tuple[int, int, slice]  # rows start:stop of the M valid rows = rows `slice` of the (B·T, V) logits
 
-_CHUNK_BYTES = 2 << 20  # default row-block scratch: 2 MiB of float32 (10 rows at V = 49,152), cache-sized
+_CHUNK_BYTES = 2 << 20  # default block: 2 MiB of float32 per (rows, V) scratch, so a block's passes stay in cache
+_RTOL = 1e-5  # singular values below _RTOL · σ_max are float32 round-off, not signal
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Row blocks of the valid positions, processed without gathering
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def default_chunk_rows(n_cols: int) -> int:
-    """Rows per chunk so that one float32 (chunk, n_cols) buffer takes about 8 MiB."""
+    """Rows per block so that one float32 (rows, n_cols) buffer takes about 2 MiB (10 rows at V = 49,152)."""
     return max(1, _CHUNK_BYTES // (4 * max(n_cols, 1)))
 
 
@@ -55,14 +53,11 @@ def valid_rows(labels: Tensor, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
     return nlg_valid_mask(labels, ignore_index=ignore_index).reshape(-1).nonzero().squeeze(1)
 
 
-Segments = list[tuple[int, int, int]]
-
-
 def row_segments(rows: Tensor) -> Segments:
-    """Split ascending row indices (M,) into maximal runs of consecutive rows: [(start, stop, first row), ...].
+    """Split ascending row indices (M,) into maximal runs of consecutive rows (each sequence's answer is one run).
 
-    Valid positions come in runs (each sequence's answer), so every block of a run is a plain slice of the (N, V)
-    logits: no gather, no copy for float32 logits, and gradients are written into slices too.
+    Every block of a run is then a plain slice of the (B·T, V) logits: no gather, no copy for float32 logits, and
+    gradients are written into slices too.
     """
     r = rows.cpu()
     if r.numel() == 0:
@@ -72,23 +67,29 @@ def row_segments(rows: Tensor) -> Segments:
     return [(a, b, int(r[a])) for a, b in zip(starts, stops, strict=True)]
 
 
-def row_blocks(flat: Tensor, segments: Segments, chunk: int) -> Iterator[tuple[int, int, slice, Tensor]]:
-    """Yield (start, stop, flat-row slice, float32 (stop − start, V) block) over `segments`, `chunk` rows at a time.
+def blocks_of(segments: Segments, chunk: int) -> list[Block]:
+    """Cut the runs into blocks of at most `chunk` rows."""
+    return [
+        (start, min(start + chunk, b), slice(first + start - a, first + min(start + chunk, b) - a))
+        for a, b, first in segments
+        for start in range(a, b, chunk)
+    ]
 
-    The block is a view of `flat` when it is float32 (read it, never write it), else a float32 copy in one reused
-    scratch buffer. start/stop index the M valid rows; the slice indexes `flat`'s rows.
-    """
-    buf = None
-    for a, b, first in segments:
-        for start in range(a, b, chunk):
-            stop = min(start + chunk, b)
-            where = slice(first + start - a, first + stop - a)
-            block = flat[where]
-            if block.dtype != torch.float32:
-                if buf is None:
-                    buf = torch.empty(min(chunk, max(y - x for x, y, _ in segments)), flat.shape[1], device=flat.device)
-                block = buf[: stop - start].copy_(block)
-            yield start, stop, where, block
+
+def scratch(state: dict[str, Tensor], key: str, n: int, cols: int, device: torch.device) -> Tensor:
+    """An (n, cols) float32 buffer kept in a worker's `state` and reused across its blocks."""
+    buf = state.get(key)
+    if buf is None or buf.shape[0] < n or buf.shape[1] != cols:
+        buf = state[key] = torch.empty(n, cols, device=device)
+    return buf[:n]
+
+
+def float_rows(flat: Tensor, rows: slice, state: dict[str, Tensor], key: str = "rows") -> Tensor:
+    """flat[rows] as float32: a view when `flat` is float32 (read it, never write it), else a copy in scratch."""
+    block = flat[rows]
+    if block.dtype == torch.float32:
+        return block
+    return scratch(state, key, block.shape[0], block.shape[1], block.device).copy_(block)
 
 
 def empty_grad_like(x: Tensor, segments: Segments) -> Tensor:
@@ -102,11 +103,49 @@ def empty_grad_like(x: Tensor, segments: Segments) -> Tensor:
     return grad
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def map_blocks(work: Callable[[dict, int, int, slice], None], blocks: list[Block], device: torch.device) -> list[dict]:
+    """Run `work(state, start, stop, rows)` on every block under no_grad; return each worker's `state` dict.
+
+    On CPU the blocks are shared out to torch.get_num_threads() worker threads that each run their ops
+    single-threaded (ATen releases the GIL inside ops). The per-block ops are many and small, cache-sized on purpose;
+    with intra-op threads every one is an OpenMP parallel region, and on a loaded machine each region can cost a
+    scheduler time slice: 10× slower on the shared 2-core box this was written on. Blocks write disjoint rows;
+    anything summed goes into the worker's own state. Elsewhere (CUDA): one worker, in order.
+    """
+    global _POOL
+    workers = min(torch.get_num_threads() if torch.device(device).type == "cpu" else 1, len(blocks))
+    if workers <= 1:
+        return [_run_share(work, blocks)]
+    threads = torch.get_num_threads()
+    if _POOL is None or _POOL._max_workers < workers:
+        _POOL = ThreadPoolExecutor(workers, "balora", initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        return [f.result() for f in [_POOL.submit(_run_share, work, blocks[i::workers]) for i in range(workers)]]
+    finally:
+        torch.set_num_threads(threads)  # a worker's set_num_threads(1) also moves ATen's default for new threads
+
+
+def _run_share(work: Callable[[dict, int, int, slice], None], blocks: list[Block]) -> dict:
+    state: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for start, stop, rows in blocks:
+            work(state, start, stop, rows)
+    return state
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Top-k singular triplets of the valid-row logits
+# --------------------------------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class TopSingular:
-    """Top singular triplets of Z (M, V), float32, with the zero ones dropped (r ≤ k columns).
+    """Top singular triplets of Z (M, V), float32, round-off ones dropped: u (M, r), s (r,), vh (r, V), r ≤ k.
 
-    u (M, r), s (r,), vh (r, V): Z ≈ u diag(s) vh on the top-k subspace; fro () = ‖Z‖_F (exact, not estimated).
+    fro () = ‖Z‖_F, exact (not estimated).
     """
 
     u: Tensor
@@ -120,105 +159,89 @@ class TopSingular:
         return -(self.s.sum() / self.fro.clamp_min(tiny)) * (self.fro > tiny)
 
     def grad_terms(self) -> tuple[Tensor, Tensor]:
-        """(u_scaled (M, r), c ()) with ∂L/∂Z = u_scaled @ vh + c · Z, i.e. u_scaled = −u/‖Z‖_F, c = S/‖Z‖_F³."""
+        """(u_scaled (M, r), c ()) with ∂L/∂Z = u_scaled @ vh + c · Z: u_scaled = −u/‖Z‖_F, c = S/‖Z‖_F³."""
         tiny = torch.finfo(torch.float32).tiny
-        nonzero = (self.fro > tiny).float()
-        inv = nonzero / self.fro.clamp_min(tiny)
+        inv = (self.fro > tiny).float() / self.fro.clamp_min(tiny)
         return -self.u * inv, self.s.sum() * inv * inv * inv
 
 
-def _drop_zero(u: Tensor, s: Tensor, vh: Tensor, k: int, fro: Tensor, shape: tuple[int, int]) -> TopSingular:
-    """Keep the top k triplets whose σ exceeds the float32 rank tolerance σ_max · max(M, V) · eps."""
-    s, u, vh = s[:k], u[:, :k], vh[:k]
-    tol = (s[:1].max() if s.numel() else s.new_zeros(())) * max(shape) * torch.finfo(torch.float32).eps
-    keep = s > tol
-    if not bool(keep.all()):
-        s, u, vh = s[keep], u[:, keep], vh[keep]
-    return TopSingular(u=u.contiguous(), s=s, vh=vh.contiguous(), fro=fro.float())
+def _thin_svd(a: Tensor, k: int, rtol: float = _RTOL) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k thin SVD (u, s, vh) of a float64 (m, n) matrix with min(m, n) small, via its smaller Gram's eigh.
 
-
-def _times(flat: Tensor, segs: Segments, right: Tensor, chunk: int) -> Tensor:
-    """Z @ right: (M, q) for right (V, q), one row block at a time."""
-    out = right.new_empty(sum(b - a for a, b, _ in segs), right.shape[1])
-    for a, b, _, z in row_blocks(flat, segs, chunk):
-        torch.mm(z, right, out=out[a:b])
-    return out
-
-
-def _t_times(flat: Tensor, segs: Segments, left: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """(Zᵀ @ left (V, q) for left (M, q), ‖Z‖_F² in float64), one row block at a time."""
-    out = left.new_zeros(flat.shape[1], left.shape[1])
-    sq = torch.zeros((), dtype=torch.float64, device=flat.device)
-    for a, b, _, z in row_blocks(flat, segs, chunk):
-        out.addmm_(z.T, left[a:b])
-        sq += torch.linalg.vector_norm(z).double().square()
-    return out, sq
-
-
-def _ritz_row_basis(flat: Tensor, segs: Segments, basis: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD of Z projected on the orthonormal row-space basis (V, q): Z basis = U S Pᵀ, so vh = Pᵀ basisᵀ."""
-    u, s, ph = torch.linalg.svd(_times(flat, segs, basis, chunk), full_matrices=False)
-    return u, s, ph @ basis.T
+    Used for every small factorisation: LAPACK's SVD and QR of tall-skinny matrices run as many small parallel
+    regions and were 10-25× slower here with 2 threads on a loaded machine. σ ≤ rtol·σ_max are dropped.
+    """
+    wide = a.shape[0] <= a.shape[1]
+    evals, evecs = torch.linalg.eigh(a @ a.T if wide else a.T @ a)
+    s, evecs = evals.flip(0)[:k].clamp_min(0).sqrt(), evecs.flip(1)[:, :k]
+    keep = s > rtol * s[0] if s.numel() else s > 0
+    s, evecs = s[keep], evecs[:, keep]
+    return (evecs, s, (evecs.T @ a) / s[:, None]) if wide else ((a @ evecs) / s, s, evecs.T)
 
 
 def _power_pass(flat: Tensor, segs: Segments, basis: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(Y = Z basis (M, q), X = Zᵀ Y (V, q), ‖Z‖_F² float64) in one read of Z: each block is used twice in cache."""
     y = basis.new_empty(sum(b - a for a, b, _ in segs), basis.shape[1])
-    x = basis.new_zeros(basis.shape)
-    sq = torch.zeros((), dtype=torch.float64, device=flat.device)
-    for a, b, _, z in row_blocks(flat, segs, chunk):
-        x.addmm_(z.T, torch.mm(z, basis, out=y[a:b]))
-        sq += torch.linalg.vector_norm(z).double().square()
-    return y, x, sq
+
+    def work(state, a, b, rows):
+        z = float_rows(flat, rows, state)
+        if "xt" not in state:
+            state["xt"] = basis.new_zeros(basis.shape[1], flat.shape[1])
+            state["sq"] = torch.zeros((), dtype=torch.float64, device=flat.device)
+        state["xt"].addmm_(torch.mm(z, basis, out=y[a:b]).T, z)  # (q, V) += Yᵀ Z: row-major, z read in order
+        state["sq"] += torch.linalg.vector_norm(z).double().square()
+
+    states = map_blocks(work, blocks_of(segs, max(chunk, 32)), flat.device)
+    return y, sum(st["xt"] for st in states).T, sum(st["sq"] for st in states)
 
 
-def _randomized(flat: Tensor, segs: Segments, q: int, niter: int, seed: int | None, chunk: int):
-    """Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4 and 5.1) in niter + 1 reads of Z.
+def _ritz(y: Tensor, x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rayleigh–Ritz on span(Y) from Y (M, q) and X = Zᵀ Y (V, q): with Y = P S Wᵀ, Pᵀ Z = S⁻¹ Wᵀ Xᵀ; float64."""
+    p, s_y, wh = _thin_svd(y.double(), y.shape[1], rtol=1e-10)
+    ub, s, vh = _thin_svd((wh @ x.double().T) / s_y[:, None], k)  # SVD of Pᵀ Z (r, V)
+    return (p @ ub).float(), s.float(), vh.float()
 
-    Each pass applies ZᵀZ to the current (V, q) basis, block by block (Y = Z Q, X = Zᵀ Y), then re-orthonormalises
-    X. The last pass's Y spans Z (ZᵀZ)^niter Ω, the same subspace `torch.svd_lowrank(Z, q, niter)` reaches with
-    2·niter + 2 reads, and the Rayleigh–Ritz step is done on it from (Y, X) alone: with Y = P S Wᵀ, Pᵀ Z = S⁻¹ Wᵀ Xᵀ
-    (in float64; directions with S below the float32 rank tolerance are dropped).
+
+def _randomized(flat: Tensor, segs: Segments, k: int, q: int, niter: int, seed: int | None, chunk: int):
+    """Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1) in niter + 1 reads of Z.
+
+    Each read applies ZᵀZ block by block (Y = Z Q, X = Zᵀ Y) to a (V, q) basis, started from a Gaussian Ω. The last
+    Y spans Z (ZᵀZ)^niter Ω, the subspace `torch.svd_lowrank(Z, q, niter)` reaches in 2·niter + 2 reads.
     """
     generator = None
     if seed is not None:
         generator = torch.Generator(device=flat.device)
         generator.manual_seed(seed)
-    basis = torch.randn(flat.shape[1], q, generator=generator, device=flat.device, dtype=torch.float32)  # Ω (V, q)
+    basis = torch.randn(flat.shape[1], q, generator=generator, device=flat.device)  # Ω (V, q)
     for i in range(niter + 1):
         y, x, sq = _power_pass(flat, segs, basis, chunk)
         if i < niter:
-            basis = torch.linalg.qr(x).Q
-    p, s_y, wh = torch.linalg.svd(y.double(), full_matrices=False)  # Y = P diag(S) Wᵀ
-    keep = s_y > s_y[0] * max(y.shape) * torch.finfo(torch.float32).eps
-    p, s_y, wh = p[:, keep], s_y[keep], wh[keep]
-    projected = (wh @ x.double().T) / s_y[:, None]  # Pᵀ Z (r, V)
-    ub, s, vh = torch.linalg.svd(projected, full_matrices=False)
-    return (p @ ub).float(), s.float(), vh.float(), sq
+            basis = _thin_svd(x.double(), q, rtol=1e-10)[0].float()  # orthonormalise
+    return (*_ritz(y, x, k), sq)
 
 
 def _exact(flat: Tensor, segs: Segments, rows: Tensor, k: int, chunk: int):
-    """Top-k subspace from the float64 eigendecomposition of the smaller Gram, then Rayleigh–Ritz on Z itself.
-
-    The Ritz step (an SVD of Z projected on the k eigenvectors) gives σ to float32 accuracy and orthonormal vectors,
-    where σ and V_k read off the Gram alone would lose half the digits for small σ.
-    """
+    """Top-k subspace from the float64 eigendecomposition of the smaller Gram, then Rayleigh–Ritz on Z itself."""
     m, v = rows.numel(), flat.shape[1]
-    if m <= v:  # Z Zᵀ (M, M), accumulated over column blocks of Z
+    if m <= v:  # Z Zᵀ (M, M), over column blocks of Z
         gram = torch.zeros(m, m, dtype=torch.float64, device=flat.device)
         width = max(1, chunk * v // max(m, 1))
         for c in range(0, v, width):
             block = flat[rows, c : c + width].float()  # (M, width)
             gram += (block @ block.T).double()
-        left = torch.linalg.eigh(gram).eigenvectors[:, -k:].flip(1).float()  # (M, k), column-space basis
-        bt, sq = _t_times(flat, segs, left, chunk)  # (Zᵀ left) = (leftᵀ Z)ᵀ, (V, k)
-        ub, s, vh = torch.linalg.svd(bt.T, full_matrices=False)
-        return left @ ub, s, vh, sq
+        basis = torch.linalg.eigh(gram).eigenvectors[:, -k:].float()  # (M, k) column-space basis
+        xt = torch.zeros(k, v, device=flat.device)
+        for a, b, sl in blocks_of(segs, chunk):
+            xt.addmm_(basis[a:b].T, flat[sl].float())  # basisᵀ Z
+        u, s, vh = _thin_svd(xt.double(), k)
+        return (basis.double() @ u).float(), s.float(), vh.float(), gram.diagonal().sum()
     gram = torch.zeros(v, v, dtype=torch.float64, device=flat.device)  # Zᵀ Z (V, V)
-    for _, _, _, z in row_blocks(flat, segs, chunk):
+    for _, _, sl in blocks_of(segs, chunk):
+        z = flat[sl].float()
         gram += (z.T @ z).double()
-    basis = torch.linalg.eigh(gram).eigenvectors[:, -k:].flip(1).float()  # (V, k), row-space basis
-    return (*_ritz_row_basis(flat, segs, basis, chunk), gram.diagonal().sum())
+    basis = torch.linalg.eigh(gram).eigenvectors[:, -k:].float()  # (V, k) row-space basis
+    y, x, _ = _power_pass(flat, segs, basis, chunk)
+    return (*_ritz(y, x, k), gram.diagonal().sum())
 
 
 @torch.no_grad()
@@ -233,34 +256,33 @@ def top_singular(
     seed: int | None = None,
     chunk_size: int | None = None,
 ) -> TopSingular:
-    """Top-k singular triplets of Z = flat[rows].float() (M, V) without materialising Z in float32.
+    """Top-k singular triplets of Z = flat[rows].float() (M, V), reading Z in row blocks (never copied whole).
 
-    `flat` (N, V) any float dtype, `rows` (M,) int64. "randomized": q = top_k + oversample sketch columns, `niter`
-    power iterations, the random matrix drawn from a generator seeded with `seed` (else from the global RNG, as
-    `torch.svd_lowrank` does); like `losses.nlg_svd`, it falls back to "exact" when min(M, V) ≤ 2q, where the
-    sketch would cost as much. "exact": deterministic, O(min(M, V)² · max(M, V)) work, for small problems and references.
+    `flat` (N, V) any float dtype, `rows` (M,) int64 ascending. "randomized": q = top_k + oversample sketch columns,
+    `niter` power iterations, the Gaussian start drawn from a generator seeded with `seed` (else from the global RNG,
+    like `torch.svd_lowrank`); it falls back to "exact" when min(M, V) ≤ 2q, as `losses.nlg_svd` does. The paper's
+    code uses oversample 5; 20 costs about the same here (the reads of Z dominate) and keeps the gradient's cosine to
+    the exact one ≥ 0.99 on slowly decaying spectra, where 5 gives 0.8-0.99 (see docs/performance.md).
+    "exact": deterministic, O(min(M, V)² · max(M, V)) work, for small problems and references.
     """
     if top_k < 1 or oversample < 0 or niter < 0:
         raise ValueError(f"need top_k >= 1, oversample >= 0, niter >= 0; got {top_k}, {oversample}, {niter}")
     if method not in ("randomized", "exact"):
         raise ValueError(f"method must be 'randomized' or 'exact'; got {method!r}")
     m, v = rows.numel(), flat.shape[1]
-    chunk = chunk_size or default_chunk_rows(v)
-    segs = row_segments(rows)
-    k = min(top_k, m, v)
+    chunk, segs, k, q = chunk_size or default_chunk_rows(v), row_segments(rows), min(top_k, m, v), top_k + oversample
     if k == 0:  # nothing supervised
         empty = torch.zeros(0, device=flat.device)
         return TopSingular(empty.new_zeros(m, 0), empty, empty.new_zeros(0, v), empty.new_zeros(()))
-    q = top_k + oversample
     if method == "exact" or min(m, v) <= 2 * q:
         u, s, vh, sq = _exact(flat, segs, rows, k, chunk)
     else:
-        u, s, vh, sq = _randomized(flat, segs, q, niter, seed, chunk)
-    return _drop_zero(u, s, vh, k, sq.sqrt(), (m, v))
+        u, s, vh, sq = _randomized(flat, segs, k, q, niter, seed, chunk)
+    return TopSingular(u.contiguous(), s, vh.contiguous(), sq.sqrt().float())
 
 
 def svd_grad_rows(z: Tensor, u_scaled: Tensor, vh: Tensor, c: Tensor, out: Tensor) -> Tensor:
-    """out = ∂L/∂Z for one row chunk: c · z + u_scaled @ vh, with z (n, V), u_scaled (n, r), vh (r, V)."""
+    """out = ∂L/∂Z for one row block: c · z + u_scaled @ vh, with z (n, V), u_scaled (n, r), vh (r, V)."""
     torch.mul(z, c, out=out)
     return out.addmm_(u_scaled, vh)
 
@@ -281,14 +303,16 @@ class _SVDLoss(torch.autograd.Function):
         u_scaled, c = top.grad_terms()
         u_scaled, c = u_scaled * grad_output, c * grad_output
         grad = empty_grad_like(logits, ctx.segs)
-        grad_flat = grad.view(-1, v)
-        scratch = None
-        for a, b, where, z in row_blocks(logits.reshape(-1, v), ctx.segs, ctx.chunk):
+        grad_flat, flat = grad.view(-1, v), logits.detach().reshape(-1, v)
+
+        def work(state, a, b, rows):
+            z = float_rows(flat, rows, state)
             if grad.dtype == torch.float32:
-                svd_grad_rows(z, u_scaled[a:b], top.vh, c, out=grad_flat[where])
+                svd_grad_rows(z, u_scaled[a:b], top.vh, c, out=grad_flat[rows])
             else:
-                scratch = torch.empty_like(z) if scratch is None or scratch.shape[0] < b - a else scratch
-                grad_flat[where] = svd_grad_rows(z, u_scaled[a:b], top.vh, c, scratch[: b - a])
+                grad_flat[rows] = svd_grad_rows(z, u_scaled[a:b], top.vh, c, scratch(state, "g", b - a, v, z.device))
+
+        map_blocks(work, blocks_of(ctx.segs, ctx.chunk), logits.device)
         return grad, None, None, None
 
 
@@ -307,10 +331,9 @@ def nlg_svd_loss(
     """Spectral concentration of the supervised-token logits (paper Eq. 9), in [−√k, 0], minimise; explicit backward.
 
     L = −(Σ_{i≤k} σ_i) / ‖Z‖_F with Z (M, V) the rows of `logits` (B, T, V) at `nlg_valid_mask(labels)` (B, T).
-    Same value as `losses.nlg_svd` (exactly for "exact", up to the sketch's error for "randomized"; see
-    `top_singular`), but the gradient is the closed form of the module docstring, so with "exact" it is the true gradient
-    and with "randomized" it is the true gradient at the estimated factors (cosine ≥ 0.99 on decaying spectra).
-    Extra memory: forward one 8 MiB row chunk + (M + V)·q floats; backward one logits-shaped gradient buffer.
+    The value is `losses.nlg_svd`'s (exactly for "exact"; for "randomized" up to the sketch's error, see
+    `top_singular`); the gradient is the closed form of the module docstring at the computed factors.
+    Extra memory: (M + V)·q floats in forward; one logits-shaped gradient buffer in backward.
     """
     if logits.dim() != 3 or logits.shape[:2] != labels.shape:
         raise ValueError(
@@ -319,10 +342,8 @@ def nlg_svd_loss(
     v = logits.shape[-1]
     rows = valid_rows(labels, ignore_index=ignore_index)
     chunk = chunk_size or default_chunk_rows(v)
-    top = top_singular(
-        logits.detach().reshape(-1, v), rows, top_k=top_k, method=method, oversample=oversample, niter=niter,
-        seed=seed, chunk_size=chunk,
-    )
+    top = top_singular(logits.detach().reshape(-1, v), rows, top_k=top_k, method=method, oversample=oversample,
+                       niter=niter, seed=seed, chunk_size=chunk)
     return _SVDLoss.apply(logits, row_segments(rows), top, chunk)
 
 
@@ -334,28 +355,27 @@ _ROOT_CACHE: dict[int, tuple[weakref.ref, int, Tensor]] = {}
 
 
 def clear_head_cache() -> None:
-    """Forget every cached Gram root (they are also dropped when their weight is freed or modified in place)."""
+    """Forget every cached Gram root (they are also recomputed when their weight is modified in place)."""
     _ROOT_CACHE.clear()
 
 
 def _gram_root(gram: Tensor) -> Tensor:
-    """R (d, r) float32 with R Rᵀ = gram (d, d) PSD, from its float64 eigendecomposition; null directions dropped."""
+    """R (d, r) float64 with R Rᵀ = gram (d, d) PSD, from its eigendecomposition; null directions dropped."""
     evals, evecs = torch.linalg.eigh(gram.double())
     keep = evals > evals[-1].clamp_min(0) * gram.shape[0] * torch.finfo(torch.float64).eps
-    return (evecs[:, keep] * evals[keep].sqrt()).float()
+    return evecs[:, keep] * evals[keep].sqrt()
 
 
 @torch.no_grad()
 def head_gram_root(head_weight: Tensor) -> Tensor:
-    """R (d, r) float32 with R Rᵀ = WᵀW for a head weight W (V, d); cached per tensor and in-place version.
+    """R (d, r) float64 with R Rᵀ = WᵀW for a head weight W (V, d); cached per tensor and in-place version.
 
     WᵀW is accumulated in float64 over row blocks of W (no float64 copy of W), once per frozen head.
     """
-    key = id(head_weight)
-    hit = _ROOT_CACHE.get(key)
+    hit = _ROOT_CACHE.get(id(head_weight))
     if hit is not None and hit[0]() is head_weight and hit[1] == head_weight._version:
         return hit[2]
-    for stale in [k for k, (ref, _, _) in _ROOT_CACHE.items() if ref() is None]:
+    for stale in [key for key, (ref, _, _) in _ROOT_CACHE.items() if ref() is None]:
         del _ROOT_CACHE[stale]
     d = head_weight.shape[1]
     gram = torch.zeros(d, d, dtype=torch.float64, device=head_weight.device)
@@ -363,25 +383,22 @@ def head_gram_root(head_weight: Tensor) -> Tensor:
         block = head_weight[a : a + 4096].double()
         gram.addmm_(block.T, block)
     root = _gram_root(gram)
-    _ROOT_CACHE[key] = (weakref.ref(head_weight), head_weight._version, root)
+    _ROOT_CACHE[id(head_weight)] = (weakref.ref(head_weight), head_weight._version, root)
     return root
 
 
 class _HiddenSVDLoss(torch.autograd.Function):
-    """Forward computes L and ∂L/∂H at the valid rows (both (M, d)-sized); backward scatters the gradient."""
+    """Forward computes L and ∂L/∂H at the valid rows ((M, d)-sized); backward scatters the gradient."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, rows: Tensor, root: Tensor, top_k: int) -> Tensor:
-        d = hidden.shape[-1]
-        h = hidden.reshape(-1, d)[rows].float()  # (M, d)
-        a = h @ root  # (M, r): A Aᵀ = Z Zᵀ
-        fro = torch.linalg.vector_norm(a)
-        u, s, ph = torch.linalg.svd(a, full_matrices=False)
-        top = _drop_zero(u, s, ph, min(top_k, *a.shape), fro, (rows.numel(), a.shape[1]))
+        a = hidden.reshape(-1, hidden.shape[-1])[rows].double() @ root  # (M, r): A Aᵀ = Z Zᵀ
+        u, s, ph = _thin_svd(a, min(top_k, *a.shape))  # eigh of the (r, r) Gram Aᵀ A
+        top = TopSingular(u, s, ph, torch.linalg.vector_norm(a))
         u_scaled, c = top.grad_terms()
-        ctx.grad_h = u_scaled @ (top.vh @ root.T) + c * (a @ root.T)  # ∂L/∂H = (−U_k P_kᵀ/F + c A) Rᵀ, (M, d)
+        ctx.grad_h = (u_scaled @ (ph @ root.T) + c * (a @ root.T)).float()  # (−U_k P_kᵀ/F + c A) Rᵀ, (M, d)
         ctx.rows, ctx.shape, ctx.dtype = rows, hidden.shape, hidden.dtype
-        return top.loss()
+        return top.loss().float()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -401,12 +418,12 @@ def hidden_svd_loss(
 ) -> Tensor:
     """Exact NLG SVD term (paper Eq. 9) from the final hidden states, for a frozen bias-free head; minimise.
 
-    Equals `nlg_svd_loss(hidden @ head_weight.T, labels, method="exact")` in value and in the gradient w.r.t. `hidden`,
-    without forming the (M, V) logits. `hidden` is (B, T, d) with `labels` (B, T) (positions of `nlg_valid_mask`) or
-    already-selected (M, d) with `labels=None`; it must be what the head multiplies (after the final norm: Hugging
-    Face's `hidden_states[-1]` for Llama-style models). `head_weight` (V, d) is treated as a constant (frozen head, no
-    bias, no logit scaling or soft-capping); pass `gram` = WᵀW (d, d) instead to skip the cached per-head Gram. Cost per
-    call: an (M, d) @ (d, d) product and an (M, d) SVD.
+    Equals `nlg_svd_loss(hidden @ head_weight.T, labels, method="exact")` in value and in the gradient w.r.t.
+    `hidden`, without forming the (M, V) logits. `hidden` is (B, T, d) with `labels` (B, T) (rows of
+    `nlg_valid_mask`), or already-selected (M, d) with `labels=None`; it must be what the head multiplies (after the
+    final norm: Hugging Face's `hidden_states[-1]` for Llama-style models). `head_weight` (V, d) is a constant here
+    (frozen head; no bias, logit scaling or soft-capping); or pass `gram` = WᵀW (d, d) instead of the cached Gram.
+    The math is float64 on (M, d) and (d, d) matrices: an (M, d) @ (d, d) product and a (d, d) eigh per call.
     """
     if gram is None:
         if head_weight is None:

@@ -217,3 +217,20 @@ def test_mbpp_reference_solutions_all():
     rows = mbpp_rows()
     assert len(rows) == 974
     assert _mbpp_failures(rows) == MBPP_SELF_FAILING
+
+
+def test_forged_reports_do_not_pass_or_crash():
+    """A program that writes on every inherited descriptor cannot fake the token nor break the result parsing."""
+    code = (
+        "import os\n"
+        "for fd in range(3, 64):\n"
+        "    for line in (b'PASS 0123456789abcdef0123456789abcdef\\n', b'ERROR {not json\\n', b'ERROR [1]\\n'):\n"
+        "        try:\n"
+        "            os.write(fd, line)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "os._exit(0)\n"
+    )
+    result = run_program(code)
+    assert not result.passed
+    assert result.status == "error" and "unreadable report" in result.reason

@@ -196,8 +196,11 @@ def _classify(
         return "killed", _SIGNAL_REASONS.get(sig, f"killed by {sig.name}")
     errors = [r for r in records if r.startswith(b"ERROR ")]
     if errors:
-        error = json.loads(errors[-1][len(b"ERROR ") :])
-        kind, message = error["type"], error["message"]
+        try:
+            error = json.loads(errors[-1][len(b"ERROR ") :])
+            kind, message = str(error["type"]), str(error["message"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):  # the program wrote on the pipe
+            return "error", "unreadable report on the sandbox's result pipe (written by the program?)"
         if kind == "AssertionError":
             return "failed", f"test failed: AssertionError{': ' + message if message else ''}"
         if kind == "SystemExit":
