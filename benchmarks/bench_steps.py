@@ -33,20 +33,13 @@ VARIANTS = {
 }
 
 
-def _peak_rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmHWM: peak resident, VmRSS: current), in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _reset_peak() -> None:
@@ -71,7 +64,9 @@ def _batches(task: str, tokenizer, steps: int) -> list[dict]:
             # pad every batch to 256 tokens so every step costs the same (sequence 256, batch 4)
             pad = 256 - batch["input_ids"].shape[1]
             if pad > 0:
-                batch["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, pad), value=tokenizer.pad_token_id)
+                batch["input_ids"] = torch.nn.functional.pad(
+                    batch["input_ids"], (0, pad), value=tokenizer.pad_token_id
+                )
                 batch["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, pad), value=0)
                 batch["labels"] = torch.nn.functional.pad(batch["labels"], (0, pad), value=-100)
             batches.append(batch)
@@ -102,12 +97,16 @@ def run_variant(task: str, variant: str, steps: int) -> dict:
         model, tokenizer = load_model(MODELS[task], task="nlg", dtype="float32", device="cpu")
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     batches = _batches(task, tokenizer, steps)
-    baseline = _rss_mb()
+    baseline = _status_mb("VmRSS")
     _reset_peak()
     method = "balora" if variant.startswith("balora") else variant
     copy_teacher = copy.deepcopy(model).eval() if variant == "balora-copy" else None
     config = BALoRAConfig(
-        method=method, r=16, target_modules=targets, consistency_schedule="constant", regularizer_schedule="constant",
+        method=method,
+        r=16,
+        target_modules=targets,
+        consistency_schedule="constant",
+        regularizer_schedule="constant",
         teacher_cache=variant == "balora-cached",
     )
     peft_model = get_balora_model(model, config)
@@ -136,8 +135,12 @@ def run_variant(task: str, variant: str, steps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     return {
-        "task": task, "variant": variant, "median_step_s": statistics.median(times[2:]),
-        "peak_extra_mb": _peak_rss_mb() - baseline, "steps": steps, "torch_threads": torch.get_num_threads(),
+        "task": task,
+        "variant": variant,
+        "median_step_s": statistics.median(times[2:]),
+        "peak_extra_mb": _status_mb("VmHWM") - baseline,
+        "steps": steps,
+        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -163,8 +166,11 @@ def main() -> None:
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 row["round"] = round_
                 results.append(row)
-                print(f"round {round_} {task:3s} {variant:13s} step {row['median_step_s']:.3f} s  "
-                      f"peak +{row['peak_extra_mb']:.0f} MB", flush=True)
+                print(
+                    f"round {round_} {task:3s} {variant:13s} step {row['median_step_s']:.3f} s  "
+                    f"peak +{row['peak_extra_mb']:.0f} MB",
+                    flush=True,
+                )
     write_report(results, Path(args.out), " ".join([".venv/bin/python", "benchmarks/bench_steps.py", *sys.argv[1:]]))
 
 
@@ -180,27 +186,37 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
         per = {}
         for variant in dict.fromkeys(r["variant"] for r in rows):
             mine = [r for r in rows if r["variant"] == variant]
-            per[variant] = {"median_step_s": statistics.median(r["median_step_s"] for r in mine),
-                            "peak_extra_mb": statistics.median(r["peak_extra_mb"] for r in mine)}
+            per[variant] = {
+                "median_step_s": statistics.median(r["median_step_s"] for r in mine),
+                "peak_extra_mb": statistics.median(r["peak_extra_mb"] for r in mine),
+            }
         base = per["pissa"]
         for v in per.values():
             v["time_vs_pissa"] = v["median_step_s"] / base["median_step_s"]
             v["memory_vs_pissa"] = v["peak_extra_mb"] / base["peak_extra_mb"]
         summary[task] = per
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    lines = [f"# Training-step cost per method\n\nCommand: `{command}`\n\nMachine: {machine} (shared, noisy: read the "
-             "ratios, measured side by side in interleaved rounds).\n",
-             "NLG: SmolLM2-135M, sequence 256, batch 4, r = 16 on all projections. NLU: MiniLM, SST-2, batch 32, "
-             "max length 64, r = 16. Peak memory: resident memory above the level after loading the model.\n"]
+    lines = [
+        f"# Training-step cost per method\n\nCommand: `{command}`\n\nMachine: {machine} (shared, noisy: read the "
+        "ratios, measured side by side in interleaved rounds).\n",
+        "NLG: SmolLM2-135M, sequence 256, batch 4, r = 16 on all projections. NLU: MiniLM, SST-2, batch 32, "
+        "max length 64, r = 16. Peak memory: resident memory above the level after loading the model.\n",
+    ]
     for task, per in summary.items():
-        lines += [f"\n## {task.upper()}\n", "| variant | median step (s) | × pissa | peak extra (MB) | × pissa |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"\n## {task.upper()}\n",
+            "| variant | median step (s) | × pissa | peak extra (MB) | × pissa |",
+            "|---|---|---|---|---|",
+        ]
         for name, v in per.items():
-            lines.append(f"| {name} | {v['median_step_s']:.3f} | {v['time_vs_pissa']:.2f} | {v['peak_extra_mb']:.0f} | "
-                         f"{v['memory_vs_pissa']:.2f} |")
+            lines.append(
+                f"| {name} | {v['median_step_s']:.3f} | {v['time_vs_pissa']:.2f} | {v['peak_extra_mb']:.0f} | "
+                f"{v['memory_vs_pissa']:.2f} |"
+            )
     (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
-    (out.with_suffix(".json")).write_text(json.dumps({"command": command, "machine": machine, "summary": summary,
-                                                      "runs": results}, indent=2))
+    (out.with_suffix(".json")).write_text(
+        json.dumps({"command": command, "machine": machine, "summary": summary, "runs": results}, indent=2)
+    )
     plot(summary, out.with_suffix(".png"))
 
 

@@ -75,40 +75,38 @@ def load_model_for(exp: Experiment, spec: Any = None) -> tuple[Any, Any]:
     )
 
 
+def _instruct_split(exp: Experiment, tokenizer: Any, path: str, limit: int | None, seed: int) -> tuple[Any, dict]:
+    """One instruction-data file, loaded, checked and tokenised; with its row statistics."""
+    from balora.data.instruct import load_instruct, tokenize_instruct
+
+    data = exp.data
+    rows, stats = load_instruct(
+        path, format=data.format, max_train_samples=limit, skip_bad_rows=data.skip_bad_rows, seed=seed
+    )
+    tokenized, token_stats = tokenize_instruct(rows, tokenizer, max_length=data.max_length, template=data.template)
+    return tokenized, {**stats, **token_stats}
+
+
 def prepare_data(exp: Experiment, tokenizer: Any, run_dir: Path | None, seed: int) -> dict[str, Any]:
     """Tokenised train/eval datasets, the collator, the metric function and data statistics."""
     data = exp.data
     if exp.is_nlg:
-        from balora.data.instruct import CausalLMCollator, load_instruct, tokenize_instruct
+        from balora.data.instruct import CausalLMCollator
 
         if data.train_file is None:
             raise ConfigError("data.task 'instruct' needs data.train_file (Alpaca, query/response or GSM8K rows)")
-        train, stats = load_instruct(
-            data.train_file,
-            format=data.format,
-            max_train_samples=data.max_train_samples,
-            skip_bad_rows=data.skip_bad_rows,
-            seed=seed,
-        )
-        train, tok_stats = tokenize_instruct(train, tokenizer, max_length=data.max_length, template=data.template)
+        train, train_stats = _instruct_split(exp, tokenizer, data.train_file, data.max_train_samples, seed)
         result = {
             "train": train,
             "eval": {},
             "collator": CausalLMCollator(tokenizer.pad_token_id),
             "compute_metrics": None,
-            "stats": {"train": {**stats, **tok_stats}},
+            "stats": {"train": train_stats},
         }
         if data.validation_file:
-            val, vstats = load_instruct(
-                data.validation_file,
-                format=data.format,
-                max_train_samples=data.max_eval_samples,
-                skip_bad_rows=data.skip_bad_rows,
-                seed=seed,
-            )
-            val, vtok = tokenize_instruct(val, tokenizer, max_length=data.max_length, template=data.template)
+            val, val_stats = _instruct_split(exp, tokenizer, data.validation_file, data.max_eval_samples, seed)
             result["eval"] = {"validation": val}
-            result["stats"]["validation"] = {**vstats, **vtok}
+            result["stats"]["validation"] = val_stats
         return result
 
     from transformers import DataCollatorWithPadding
@@ -160,8 +158,10 @@ def train_experiment(exp: Experiment, *, resume: bool = False) -> dict[str, Any]
 
     run_dir = Path(exp.output_dir)
     if resume and not (run_dir.is_dir() and any(run_dir.glob("checkpoint-*/trainer_state.json"))):
-        raise ConfigError(f"--resume: {run_dir} holds no checkpoint-*/ to continue from; run without --resume "
-                          "(checkpoints are written when training.save_strategy is not 'no')")
+        raise ConfigError(
+            f"--resume: {run_dir} holds no checkpoint-*/ to continue from; run without --resume "
+            "(checkpoints are written when training.save_strategy is not 'no')"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     args = exp.training_arguments()
     set_seed(args.seed)
