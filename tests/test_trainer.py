@@ -252,3 +252,45 @@ def test_collator_padding_and_nlu_regression(tmp_path):
     logs = _train_end_to_end(peft_model, dataset, tmp_path, collator=DataCollatorWithPadding(tokenizer), steps=8)
     assert all(math.isfinite(e["consistency_loss"]) for e in logs)
     assert logs[-1]["task_loss"] < logs[0]["task_loss"]
+
+
+@pytest.mark.parametrize("svd_method", ["exact", "hidden"])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_fused_nlg_objective_equals_the_reference_one(tmp_path, svd_method, accumulation):
+    """The default fused path gives the loss and the gradients of the plain functions of balora.losses."""
+    dataset = _nlg_dataset(rows=4)
+    batch = {k: torch.tensor(v) for k, v in dataset[:4].items()}
+    grads, values = {}, {}
+    for impl in ("fused", "reference"):
+        torch.manual_seed(0)
+        config = BALoRAConfig(
+            r=2,
+            svd_top_k=3,
+            svd_method=svd_method,
+            loss_impl=impl,
+            consistency_weight=0.5,
+            diversity_weight=0.3,
+            svd_weight=0.2,
+            consistency_schedule="constant",
+            regularizer_schedule="constant",
+        )
+        model = get_balora_model(tiny_llama(), config)
+        with torch.no_grad():  # move the student away from the teacher so the consistency term is not 0
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    param.add_(0.05 * torch.randn_like(param))
+        trainer = BALoRATrainer(model=model, args=_args(tmp_path / impl), train_dataset=dataset)
+        trainer.state.max_steps = 10
+        trainer.current_gradient_accumulation_steps = accumulation
+        model.train()
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(21))
+        loss.backward()
+        values[impl] = loss.detach()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        logged = {k: v[-1] for k, v in trainer._term_logs["train"].items()}
+        for key in ("task_loss", "consistency_loss", "diversity_loss", "svd_loss"):
+            assert key in logged and torch.isfinite(logged[key]), key
+        assert logged["consistency_loss"] > 1e-6
+    torch.testing.assert_close(values["fused"], values["reference"], atol=1e-5, rtol=1e-5)
+    for name, grad in grads["reference"].items():
+        torch.testing.assert_close(grads["fused"][name], grad, atol=1e-5, rtol=1e-4, msg=name)

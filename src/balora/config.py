@@ -24,6 +24,7 @@ InitMethod = Literal["lora", "pissa"]
 ConsistencySchedule = Literal["constant", "cosine"]
 RegularizerSchedule = Literal["constant", "two_phase"]
 SvdMethod = Literal["randomized", "exact", "hidden"]
+LossImpl = Literal["fused", "reference"]
 
 CONFIG_NAME = "balora_config.json"
 
@@ -77,11 +78,24 @@ class BALoRAConfig:
     temperature: float = field(default=2.0, metadata={"help": "T: softmax temperature of the consistency KL."})
     svd_top_k: int | None = field(default=None, metadata={"help": "k: singular values the SVD term concentrates on."})
     entropy_top_k: int = field(default=20, metadata={"help": "K: candidate tokens of the NLG diversity entropy."})
-    svd_oversample: int = field(default=5, metadata={"help": "NLG randomized SVD term: sketch size q = k + this."})
+    svd_oversample: int = field(
+        default=20,
+        metadata={
+            "help": "NLG randomized SVD term: sketch size q = k + this (paper: 5; 20 makes the explicit gradient's "
+            "cosine to the exact one >= 0.999 on a decaying spectrum, see benchmarks/results/losses.md)."
+        },
+    )
     svd_loss_niter: int = field(default=2, metadata={"help": "NLG randomized SVD term: power iterations."})
     svd_method: SvdMethod = field(
         default="randomized",
         metadata={"help": "NLG SVD term: randomized (paper), exact on the logits, or hidden (exact, frozen head)."},
+    )
+    loss_impl: LossImpl = field(
+        default="fused",
+        metadata={
+            "help": "NLG: fused (one chunked pass, closed-form gradients) or reference (the plain functions of "
+            "balora.losses, autograd)."
+        },
     )
     consistency_schedule: ConsistencySchedule | None = field(
         default=None, metadata={"help": "λ1 over training: constant or cosine decay to final ratio. None: preset."}
@@ -110,6 +124,7 @@ class BALoRAConfig:
         if self.init is not None:
             _check_choice("init", self.init, ("lora", "pissa"))
         _check_choice("svd_method", self.svd_method, ("randomized", "exact", "hidden"))
+        _check_choice("loss_impl", self.loss_impl, ("fused", "reference"))
         if self.consistency_schedule is not None:
             _check_choice("consistency_schedule", self.consistency_schedule, ("constant", "cosine"))
         if self.regularizer_schedule is not None:
@@ -145,7 +160,8 @@ class BALoRAConfig:
                 raise ValueError(f"{name} must be in [0, 1]; got {value!r}")
         if self.teacher_cache and self.task == "nlg":
             raise ValueError(
-                "teacher_cache is for NLU only (NLG teacher logits are (T, V) per row, too large to keep); set it false"
+                "teacher_cache is for NLU only (NLG teacher logits are (T, V) per row, too large to keep); "
+                "set it false"
             )
         if self.method != "balora" and any(
             getattr(self, n) for n in ("consistency_weight", "diversity_weight", "svd_weight")

@@ -29,6 +29,8 @@ from transformers import Trainer
 
 from balora import losses
 from balora.config import BALoRAConfig
+from balora.fused import nlg_fused_loss
+from balora.spectral import hidden_svd_loss
 from balora.teacher import pretrained_teacher, unwrap_peft_model
 
 
@@ -81,20 +83,50 @@ class BALoRATrainer(Trainer):
         teacher_logits = None
         if l1 > 0:
             teacher_logits = self._teacher_logits(model, model_inputs)
-        outputs = model(**model_inputs)
+        hidden_svd = cfg.task == "nlg" and l3 > 0 and cfg.svd_method == "hidden"
+        outputs = model(**model_inputs, **({"output_hidden_states": True} if hidden_svd else {}))
         logits = outputs.logits
-
-        task_sum, count = self._task_loss_sum(logits, labels)
-        if num_items_in_batch is None:
-            task_loss = task_sum / max(count, 1)
-            if training:
-                task_loss = task_loss / self._accumulation_steps()
+        ga = self._accumulation_steps() if training else 1
+        if cfg.task == "nlg" and cfg.loss_impl == "fused":
+            loss, values = self._fused_nlg(
+                model, outputs, labels, teacher_logits, (l1, l2, l3), ga, num_items_in_batch
+            )
         else:
-            task_loss = task_sum / num_items_in_batch
-            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                task_loss = task_loss * self.accelerator.num_processes  # DDP averages gradients over processes
+            loss, values = self._reference_loss(logits, labels, teacher_logits, (l1, l2, l3), ga, num_items_in_batch)
 
-        terms = {"consistency_loss": None, "diversity_loss": None, "svd_loss": None}
+        store = self._term_logs["train" if training else "eval"]
+        for name, value in values.items():
+            store[name].append(value.detach())
+        if training:
+            for name, weight in zip(
+                ("lambda_consistency", "lambda_diversity", "lambda_svd"), (l1, l2, l3), strict=True
+            ):
+                store[name].append(torch.tensor(weight))
+        return (loss, outputs) if return_outputs else loss
+
+    def _task_denominator(self, count: int, ga: int, num_items_in_batch: Tensor | int | None) -> Tensor | float:
+        """What the summed task loss is divided by (see the module docstring)."""
+        if num_items_in_batch is None:
+            return float(max(count, 1) * ga)
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            return num_items_in_batch / self.accelerator.num_processes  # DDP averages gradients over processes
+        return num_items_in_batch
+
+    def _reference_loss(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        teacher_logits: Tensor | None,
+        weights: tuple[float, float, float],
+        ga: int,
+        num_items_in_batch: Tensor | int | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objective from the plain functions of `balora.losses` (NLU, and NLG with loss_impl="reference")."""
+        cfg = self.balora_config
+        l1, l2, l3 = weights
+        task_sum, count = self._task_loss_sum(logits, labels)
+        task_loss = task_sum / self._task_denominator(count, ga, num_items_in_batch)
+        terms: dict[str, Tensor | None] = {"consistency_loss": None, "diversity_loss": None, "svd_loss": None}
         if cfg.task == "nlu":
             if l1 > 0:
                 terms["consistency_loss"] = losses.nlu_consistency(logits, teacher_logits, temperature=cfg.temperature)
@@ -116,29 +148,52 @@ class BALoRATrainer(Trainer):
                     top_k=cfg.svd_top_k,
                     oversample=cfg.svd_oversample,
                     niter=cfg.svd_loss_niter,
-                    exact=True if cfg.svd_method == "exact" else None,
+                    exact=True if cfg.svd_method != "randomized" else None,
                 )
-
-        regularizer = task_loss.new_zeros(())
-        for weight, value in zip((l1, l2, l3), terms.values(), strict=True):
+        loss = task_loss
+        for weight, value in zip(weights, terms.values(), strict=True):
             if value is not None:
-                regularizer = regularizer + weight * value
-        if training:
-            regularizer = regularizer / self._accumulation_steps()
-        loss = task_loss + regularizer
+                loss = loss + (weight / ga) * value
+        values = {"task_loss": task_sum / max(count, 1)}
+        values.update({k: v for k, v in terms.items() if v is not None})
+        return loss, values
 
-        split = "train" if training else "eval"
-        store = self._term_logs[split]
-        store["task_loss"].append((task_sum / max(count, 1)).detach())
-        for name, value in terms.items():
-            if value is not None:
-                store[name].append(value.detach())
-        if training:
-            for name, weight in zip(
-                ("lambda_consistency", "lambda_diversity", "lambda_svd"), (l1, l2, l3), strict=True
-            ):
-                store[name].append(torch.tensor(weight))
-        return (loss, outputs) if return_outputs else loss
+    def _fused_nlg(
+        self,
+        model: torch.nn.Module,
+        outputs: Any,
+        labels: Tensor,
+        teacher_logits: Tensor | None,
+        weights: tuple[float, float, float],
+        ga: int,
+        num_items_in_batch: Tensor | int | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """NLG objective in one chunked pass with closed-form gradients (`balora.fused`, `balora.spectral`)."""
+        cfg = self.balora_config
+        l1, l2, l3 = weights
+        hidden_svd = l3 > 0 and cfg.svd_method == "hidden"
+        count = int(losses.nlg_valid_mask(labels).sum())
+        loss, values = nlg_fused_loss(
+            outputs.logits,
+            labels,
+            teacher_logits,
+            ce_denominator=self._task_denominator(count, ga, num_items_in_batch),
+            consistency_weight=l1 / ga,
+            diversity_weight=l2 / ga,
+            svd_weight=0.0 if hidden_svd else l3 / ga,
+            temperature=cfg.temperature,
+            entropy_top_k=cfg.entropy_top_k,
+            svd_top_k=cfg.svd_top_k,
+            svd_method="exact" if cfg.svd_method == "exact" else "randomized",
+            svd_oversample=cfg.svd_oversample,
+            svd_niter=cfg.svd_loss_niter,
+        )
+        if hidden_svd:
+            head = _frozen_bias_free_head(model)
+            svd = hidden_svd_loss(outputs.hidden_states[-1], labels, head.weight, top_k=cfg.svd_top_k)
+            loss = loss + (l3 / ga) * svd
+            values = {**values, "svd_loss": svd.detach()}
+        return loss, dict(values)
 
     def _teacher_logits(self, model: torch.nn.Module, model_inputs: dict[str, Any]) -> Tensor:
         """The pre-trained model's logits, from the NLU cache when every row of the batch is in it."""
@@ -217,3 +272,18 @@ def row_keys(model_inputs: dict[str, Any]) -> list[bytes]:
             digest.update(value.contiguous().numpy().tobytes())
         keys.append(digest.digest())
     return keys
+
+
+def _frozen_bias_free_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The output head, checked to be what `svd_method="hidden"` assumes: logits = hidden @ Wᵀ, W frozen."""
+    peft_model = unwrap_peft_model(model)
+    head = peft_model.get_output_embeddings()
+    config = peft_model.config
+    if head is None or getattr(head, "bias", None) is not None or head.weight.requires_grad:
+        raise ValueError(
+            "svd_method='hidden' needs a frozen output head without bias (logits = hidden @ Wᵀ); this model's head "
+            "does not fit. Use svd_method='randomized' or 'exact'."
+        )
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1.0):
+        raise ValueError("svd_method='hidden' cannot model logit soft-capping or scaling; use 'randomized' or 'exact'")
+    return head
