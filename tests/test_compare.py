@@ -148,7 +148,7 @@ def test_compare_refuses_a_changed_config(tiny_setup: Path) -> None:
     base = ["compare", str(tiny_setup / "experiment.yaml"), "--methods", "lora", "--seeds", "1",
             "--output-dir", str(out)]
     assert main(base) == 0
-    with pytest.raises(ConfigError, match="different 'training' section"):
+    with pytest.raises(ConfigError, match="training.learning_rate = 0.01, now 0.5"):
         compare_module.compare(tiny_setup / "experiment.yaml", methods=["lora"], seeds=[0], noises=[0.0],
                                output_dir=out, overrides=["--training.learning_rate", "0.5"])
 
@@ -171,8 +171,20 @@ def test_methods_seeds_and_noise_parsing() -> None:
 def test_baseline_methods_override_regularizer_weights(tiny_setup: Path) -> None:
     runs = compare_module.plan(tiny_setup / "experiment.yaml", ["lora", "pissa", "balora", "balora-nosvd"], [3],
                                [0.0], tiny_setup / "plan", ["--balora.svd_weight", "0.5"])
-    by_method = {spec.method: exp for spec, exp in runs}
+    by_method = {spec.method: exp for spec, exp, _ in runs}
     assert by_method["lora"].balora.svd_weight == 0.0 and by_method["pissa"].balora.method == "pissa"
     assert by_method["balora"].balora.svd_weight == 0.5
     assert by_method["balora-nosvd"].balora.svd_weight == 0.0 and by_method["balora-nosvd"].balora.method == "balora"
     assert all(exp.training["seed"] == 3 for exp in by_method.values())
+
+
+def test_nlu_svd_term_is_inert_with_k5_and_two_classes(tiny_setup: Path) -> None:
+    """With the paper's k = 5 and 2 classes the SVD term is the constant −1: balora and balora-nosvd train alike."""
+    result = compare_module.compare(tiny_setup / "experiment.yaml", methods=["balora", "balora-nosvd"], seeds=[0],
+                                    noises=[0.25], output_dir=tiny_setup / "svd_ablation",
+                                    overrides=["--balora.svd_top_k", "5"])
+    with_svd, without = result["runs"]
+    assert with_svd["final_terms"]["svd_loss"] == -1.0 and "svd_loss" not in without["final_terms"]
+    assert with_svd["metrics"]["eval_loss"] == without["metrics"]["eval_loss"]
+    assert with_svd["final_terms"]["task_loss"] == without["final_terms"]["task_loss"]
+    assert with_svd["diagnostics"]["drift_kl"] == without["diagnostics"]["drift_kl"]

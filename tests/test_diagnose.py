@@ -98,12 +98,19 @@ def test_disable_adapter_is_the_pretrained_model_after_pissa(tmp_path: Path) -> 
     assert (trained - reference).abs().max() > 1e-2  # the check above can fail
 
 
-def test_untrained_run_has_zero_drift(tiny_setup: Path) -> None:  # noqa: F811
+@pytest.fixture(scope="module")
+def untrained_run(tiny_setup: Path) -> Path:  # noqa: F811
+    """A balora run with label noise trained at learning rate 0: the adapter and head stay at their init."""
     out = tiny_setup / "untrained"
     experiment, _ = load_experiment(tiny_setup / "experiment.yaml", [
         "--balora.method", "balora", "--training.learning_rate", "0.0", "--data.label_noise", "0.25",
         "--output_dir", str(out)])
     train_experiment(experiment)
+    return out
+
+
+def test_untrained_run_has_zero_drift(untrained_run: Path) -> None:
+    out = untrained_run
     result = diagnose_run(out)
     assert result["drift_kl"] == pytest.approx(0.0, abs=1e-6)
     assert json.loads((out / "diagnostics.json").read_text())["drift_kl"] == result["drift_kl"]
@@ -113,6 +120,17 @@ def test_untrained_run_has_zero_drift(tiny_setup: Path) -> None:  # noqa: F811
     assert result["true_label_entropy"] <= math.log(2) + 1e-9
     assert 1.0 <= result["logits_effective_rank"] <= 2.0
     assert result["features_effective_rank"] == pytest.approx(result["pretrained_features_effective_rank"], rel=1e-4)
+
+
+def test_diagnose_command(untrained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from balora.cli import main
+
+    out = untrained_run
+    (out / "diagnostics.json").unlink(missing_ok=True)
+    assert main(["diagnose", str(out)]) == 0
+    assert '"drift_kl"' in capsys.readouterr().out
+    assert json.loads((out / "diagnostics.json").read_text())["task"] == "nlu"
+    assert main(["diagnose", str(out.parent / "no-such-run")]) == 2
 
 
 def test_trained_run_drifts(tiny_setup: Path) -> None:  # noqa: F811

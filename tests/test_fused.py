@@ -58,11 +58,24 @@ def run_fused(logits, labels, teacher, **kw):
     return total, terms, x.grad
 
 
-def run_ref64(logits, labels, teacher, *, ce_denominator=None, consistency_weight=0.0, diversity_weight=0.0,
-              svd_weight=0.0, temperature=2.0, entropy_top_k=20, svd_top_k=10, with_task_loss=True):
+def run_ref64(
+    logits,
+    labels,
+    teacher,
+    *,
+    ce_denominator=None,
+    consistency_weight=0.0,
+    diversity_weight=0.0,
+    svd_weight=0.0,
+    temperature=2.0,
+    entropy_top_k=20,
+    svd_top_k=10,
+    with_task_loss=True,
+):
     x = logits.detach().double().requires_grad_()
-    ce, cons, div, svd = ref64(x, teacher, labels, temperature=temperature, top_k=entropy_top_k,
-                               svd_k=svd_top_k if svd_weight else None)
+    ce, cons, div, svd = ref64(
+        x, teacher, labels, temperature=temperature, top_k=entropy_top_k, svd_k=svd_top_k if svd_weight else None
+    )
     m = int(nlg_valid_mask(labels).sum())
     den = m if ce_denominator is None else float(ce_denominator)
     total = consistency_weight * cons + diversity_weight * div
@@ -74,8 +87,17 @@ def run_ref64(logits, labels, teacher, *, ce_denominator=None, consistency_weigh
     return total, (ce / max(m, 1), cons, div, svd), x.grad
 
 
-def run_plain(logits, labels, teacher, *, ce_denominator=None, consistency_weight=0.0, diversity_weight=0.0,
-              temperature=2.0, entropy_top_k=20):
+def run_plain(
+    logits,
+    labels,
+    teacher,
+    *,
+    ce_denominator=None,
+    consistency_weight=0.0,
+    diversity_weight=0.0,
+    temperature=2.0,
+    entropy_top_k=20,
+):
     """The losses.py references + F.cross_entropy, float32 autograd: what the trainer would do without fusion."""
     x = logits.detach().clone().requires_grad_()
     mask = nlg_valid_mask(labels)

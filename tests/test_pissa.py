@@ -10,6 +10,7 @@ from peft.tuners.lora import LoraLayer
 
 from balora import BALoRAConfig, get_balora_model
 from balora.pissa import pissa_factors
+
 from conftest import MODEL_FACTORIES, tiny_bert, tiny_llama
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from balora import BALoRAConfig, get_balora_model, pretrained_teacher
+
 from conftest import tiny_bert, tiny_llama
 
 

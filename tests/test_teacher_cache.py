@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 import balora.trainer as trainer_module
 from balora import BALoRAConfig, BALoRATrainer, get_balora_model
 from balora.trainer import row_keys
+
 from conftest import tiny_bert
 
 

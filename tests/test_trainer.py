@@ -14,6 +14,7 @@ from transformers import DataCollatorWithPadding, TrainingArguments
 
 from balora import BALoRAConfig, BALoRATrainer, get_balora_model, losses
 from balora.adapter import save_adapter
+
 from conftest import tiny_bert, tiny_llama
 
 
@@ -276,7 +277,7 @@ def test_fused_nlg_objective_equals_the_reference_one(tmp_path, svd_method, accu
         )
         model = get_balora_model(tiny_llama(), config)
         with torch.no_grad():  # move the student away from the teacher so the consistency term is not 0
-            for name, param in model.named_parameters():
+            for param in model.parameters():
                 if param.requires_grad:
                     param.add_(0.05 * torch.randn_like(param))
         trainer = BALoRATrainer(model=model, args=_args(tmp_path / impl), train_dataset=dataset)
