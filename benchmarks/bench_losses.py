@@ -25,6 +25,7 @@ float64 from H and W (σ(Z) = σ(H R), R Rᵀ = WᵀW).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
 import statistics
@@ -45,11 +46,15 @@ WEIGHTS = dict(consistency_weight=0.025, diversity_weight=0.005, svd_weight=0.00
 VARIANTS = ["ce", "naive", "fast", "fast_q15", "fast_hidden"]
 
 
-def make_inputs(seed: int = 0):
-    """hidden (1, M+1, D), head (V, D), logits = hidden @ headᵀ (1, M+1, V), teacher logits, labels (1, M+1)."""
+def make_inputs(seed: int = 0, *, decay: float = 0.7, shared: float = 2.0):
+    """hidden (1, M+1, D), head (V, D), logits = hidden @ headᵀ (1, M+1, V), teacher logits, labels (1, M+1).
+
+    The hidden states have a power-law spectrum (exponent −decay) plus a shared direction of weight `shared`: the
+    logits then have a dominant σ1 and a decaying tail. decay = shared = 0 gives a flat (Marchenko–Pastur) spectrum.
+    """
     g = torch.Generator().manual_seed(seed)
-    scales = (1.0 + torch.arange(D, dtype=torch.float32)) ** -0.7  # power-law spectrum of the hidden states
-    hidden = torch.randn(M + 1, D, generator=g) * scales + 2.0 * torch.randn(D, generator=g) * scales  # + shared mean
+    scales = (1.0 + torch.arange(D, dtype=torch.float32)) ** -decay
+    hidden = torch.randn(M + 1, D, generator=g) * scales + shared * torch.randn(D, generator=g) * scales
     head = torch.randn(V, D, generator=g) / D**0.5
     logits = hidden @ head.T
     norm = logits[:-1].std().item() / 3.0  # logits with a standard deviation of about 3, as an LM's
@@ -92,7 +97,7 @@ def memory_child(name: str, threads: int) -> None:
     """Subprocess body: print the extra peak RSS of one forward + backward of `name`, in KiB."""
     torch.set_num_threads(threads)
     hidden, head, logits, teacher, labels = make_inputs()
-    # warm-up on a (2049, 64)-vocabulary problem: thread pools, MKL buffers, lazy imports; no large buffer stays resident
+    # warm-up on a 64-token vocabulary: thread pools, MKL buffers, lazy imports; no large buffer stays resident
     small = logits[..., :64].clone().requires_grad_()
     small_labels = labels.clamp_max(63)
     nlg_fused_loss(small, small_labels, teacher[..., :64].contiguous(), **WEIGHTS)[0].backward()
@@ -103,6 +108,7 @@ def memory_child(name: str, threads: int) -> None:
     head_gram_root(head)  # cached once per frozen head: not a per-step cost
     logits.requires_grad_()
     hidden.requires_grad_()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so that it cannot hide new allocations
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     _, base = peak_rss_kib()
     run_variant(name, hidden, head, logits, teacher, labels)
@@ -116,7 +122,9 @@ def measure_memory(threads: int) -> dict[str, float]:
     for name in VARIANTS:
         res = subprocess.run(
             [sys.executable, __file__, "--memory-child", name, "--threads", str(threads)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         out[name] = json.loads(res.stdout.strip().splitlines()[-1])["extra_kib"] / unit_kib
         print(f"  memory {name}: {out[name]:.2f} logits-sized tensors", flush=True)
@@ -141,12 +149,15 @@ def measure_time(threads: int, reps: int) -> dict[str, list[float]]:
     return times
 
 
-def exact_svd_grad_cosines(seeds: int = 3) -> dict[str, list[float]]:
+def exact_svd_grad_cosines(seeds: int = 3, **spectrum) -> dict[str, list[float]]:
     """Cosine of ∂L_svd/∂Z of each method to the exact gradient, itself computed in float64 from H and W."""
-    hidden, head, logits, _, labels = make_inputs()
+    hidden, head, logits, _, labels = make_inputs(**spectrum)
     h = hidden[0, :-1].double()  # (M, D) valid rows (every position but the last)
     a = h @ head_gram_root(head)  # σ(A) = σ(Z)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # LAPACK with 2 threads on a loaded machine: 100x slower
     evals, evecs = torch.linalg.eigh(a.T @ a)
+    torch.set_num_threads(threads)
     s, p = evals.flip(0)[:10].sqrt(), evecs.flip(1)[:, :10]
     u = a @ p / s  # (M, k)
     fro = torch.linalg.vector_norm(a)
@@ -160,8 +171,12 @@ def exact_svd_grad_cosines(seeds: int = 3) -> dict[str, list[float]]:
         g = grad[0, :-1].double()
         return (torch.sum(g * exact) / (torch.linalg.vector_norm(g) * exact_norm)).item()
 
-    out: dict[str, list[float]] = {"explicit q=k+20": [], "explicit q=k+10": [], "explicit q=k+5": [],
-                                   "autograd through svd_lowrank (q=k+5)": []}
+    out: dict[str, list[float]] = {
+        "explicit q=k+20": [],
+        "explicit q=k+10": [],
+        "explicit q=k+5": [],
+        "autograd through svd_lowrank (q=k+5)": [],
+    }
     for seed in range(seeds):
         for name, oversample in (("explicit q=k+20", 20), ("explicit q=k+10", 10), ("explicit q=k+5", 5)):
             x = logits.clone().requires_grad_()
@@ -192,8 +207,9 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for threads, res in results["by_threads"].items():
         ratios = [res["time_ratio"][n] for n in VARIANTS]
-        axes[0].bar([i + 0.4 * (threads == "1") for i in range(len(VARIANTS))], ratios, width=0.4,
-                    label=f"{threads} thread(s)")
+        axes[0].bar(
+            [i + 0.4 * (threads == "1") for i in range(len(VARIANTS))], ratios, width=0.4, label=f"{threads} thread(s)"
+        )
     axes[0].axhline(2.0, color="k", ls="--", lw=1, label="target 2.0×")
     axes[0].set_xticks(range(len(VARIANTS)), VARIANTS)
     axes[0].set_ylabel("forward + backward time / CE alone")
@@ -221,21 +237,36 @@ def write_markdown(results: dict, path: Path, command: str) -> None:
         f"Problem: M = {M} supervised tokens, V = {V}, float32, forward + backward w.r.t. the logits (and the hidden "
         "states for fast_hidden); λ = 0.025 / 0.005 / 0.005, T = 2, K = 20, k = 10.",
         "",
+        "Memory: each variant once in a fresh subprocess (first thread count); peak RSS (VmHWM, reset through "
+        "/proc/self/clear_refs after a small warm-up and malloc_trim) minus the RSS before the step, in units of one "
+        "float32 (M, V) tensor; it includes the gradient w.r.t. the logits that every variant returns.",
+        "",
         "| variant | " + " | ".join(f"time / CE ({t} thr.)" for t in results["by_threads"]) + " | extra peak memory "
         "(logits-sized) |",
         "| --- | " + " | ".join("---" for _ in results["by_threads"]) + " | --- |",
     ]
     for name in VARIANTS:
-        cells = [f"{res['time_ratio'][name]:.2f}× ({res['median_s'][name]:.2f} s)" for res in
-                 results["by_threads"].values()]
+        cells = [
+            f"{res['time_ratio'][name]:.2f}× ({res['median_s'][name]:.2f} s)" for res in results["by_threads"].values()
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {results['memory_logits_units'][name]:.2f} |")
-    lines += ["", "Targets: fast ≤ 2.0× CE time and ≤ 1.5 logits-sized tensors of extra memory.", "",
-              "SVD-term gradient, cosine to the exact gradient (one value per sketch seed):", ""]
-    for name, vals in results["svd_grad_cosine"].items():
-        if name != "spectrum":
-            lines.append(f"- {name}: " + ", ".join(f"{v:.4f}" for v in vals))
-    s = results["svd_grad_cosine"]["spectrum"]
-    lines += ["", f"Spectrum of the logits: σ1 = {s[0]:.1f}, σ10 = {s[1]:.2f}, σ11 = {s[2]:.2f}, σ30 = {s[3]:.2f}.", ""]
+    lines += ["", "Targets: fast ≤ 2.0× CE time and ≤ 1.5 logits-sized tensors of extra memory.", ""]
+    for key, title in (
+        ("svd_grad_cosine", "decaying spectrum (the benchmark's logits)"),
+        ("svd_grad_cosine_flat", "flat spectrum (Gaussian H and W: no well-defined top-k)"),
+    ):
+        s = results[key]["spectrum"]
+        lines += [
+            f"SVD-term gradient, cosine to the exact gradient, {title}; σ1 = {s[0]:.1f}, σ10 = {s[1]:.2f}, "
+            f"σ11 = {s[2]:.2f}, σ30 = {s[3]:.2f}; one value per sketch seed:",
+            "",
+        ]
+        lines += [
+            f"- {name}: " + ", ".join(f"{v:.4f}" for v in vals)
+            for name, vals in results[key].items()
+            if name != "spectrum"
+        ]
+        lines.append("")
     path.write_text("\n".join(lines))
 
 
@@ -255,20 +286,27 @@ def main() -> None:
         "machine": f"{torch.get_num_threads()}-core CPU ({platform.processor() or platform.machine()}), "
         f"{platform.system()}",
         "torch": torch.__version__,
-        "M": M, "V": V, "d": D, "weights": WEIGHTS, "by_threads": {},
+        "M": M,
+        "V": V,
+        "d": D,
+        "weights": WEIGHTS,
+        "by_threads": {},
     }
     for threads in args.threads:
         print(f"timing with {threads} thread(s)", flush=True)
         times = measure_time(threads, args.reps)
         median = {n: statistics.median(t) for n, t in times.items()}
         results["by_threads"][str(threads)] = {
-            "times_s": times, "median_s": median, "time_ratio": {n: median[n] / median["ce"] for n in VARIANTS},
+            "times_s": times,
+            "median_s": median,
+            "time_ratio": {n: median[n] / median["ce"] for n in VARIANTS},
         }
     torch.set_num_threads(args.threads[0])
     print("memory", flush=True)
     results["memory_logits_units"] = measure_memory(args.threads[0])
     print("svd gradient cosines", flush=True)
     results["svd_grad_cosine"] = exact_svd_grad_cosines()
+    results["svd_grad_cosine_flat"] = exact_svd_grad_cosines(decay=0.0, shared=0.0)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "losses.json").write_text(json.dumps(results, indent=1))
     write_markdown(results, args.out / "losses.md", results["command"])

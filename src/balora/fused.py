@@ -93,7 +93,13 @@ def _topk(z: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _block_terms(
-    z: Tensor, y: Tensor | None, tgt: Tensor, g: Tensor | None, buffer: Callable[[str], Tensor], plan: _Plan, m: int,
+    z: Tensor,
+    y: Tensor | None,
+    tgt: Tensor,
+    g: Tensor | None,
+    buffer: Callable[[str], Tensor],
+    plan: _Plan,
+    m: int,
     svd_part: tuple[Tensor, Tensor, Tensor] | None,
 ) -> Tensor:
     """Σ CE, Σ KL, Σ H (float64 (3,)) over one block of n valid rows; writes the block's gradient into g if given.
@@ -153,7 +159,12 @@ def _block_terms(
 
 
 def _fused_pass(
-    logits: Tensor, teacher: Tensor | None, segs: Segments, targets: Tensor, plan: _Plan, svd: TopSingular | None,
+    logits: Tensor,
+    teacher: Tensor | None,
+    segs: Segments,
+    targets: Tensor,
+    plan: _Plan,
+    svd: TopSingular | None,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(total (), stats (4,) = [mean CE, consistency, diversity, svd], gradient buffer shaped like logits or None)."""
@@ -263,9 +274,7 @@ def nlg_fused_loss(
         if teacher_logits is None:
             raise ValueError("consistency_weight != 0 needs teacher_logits (B, T, V); pass them or set it to 0")
         if teacher_logits.shape != logits.shape:
-            raise ValueError(
-                f"teacher_logits {tuple(teacher_logits.shape)} must match logits {tuple(logits.shape)}"
-            )
+            raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} must match logits {tuple(logits.shape)}")
     if temperature <= 0 or entropy_top_k < 1:
         raise ValueError(f"need temperature > 0 and entropy_top_k >= 1; got {temperature}, {entropy_top_k}")
     v = logits.shape[-1]
@@ -284,8 +293,15 @@ def nlg_fused_loss(
             ce_scale = torch.tensor(1.0 / ce_denominator, device=logits.device)
         else:
             raise ValueError(f"ce_denominator must be > 0 (or None for the local token count); got {ce_denominator}")
-    plan = _Plan(ce_scale, float(consistency_weight), float(diversity_weight), float(svd_weight), float(temperature),
-                 int(entropy_top_k), int(chunk))
+    plan = _Plan(
+        ce_scale,
+        float(consistency_weight),
+        float(diversity_weight),
+        float(svd_weight),
+        float(temperature),
+        int(entropy_top_k),
+        int(chunk),
+    )
     shifted = torch.full_like(labels, ignore_index)
     shifted[:, :-1] = labels[:, 1:]
     targets = shifted.reshape(-1).index_select(0, rows)  # (M,)
@@ -293,8 +309,14 @@ def nlg_fused_loss(
     svd = None
     if plan.svd_weight != 0.0 and m > 0:
         svd = top_singular(
-            logits.detach().reshape(-1, v), rows, top_k=svd_top_k, method=svd_method, oversample=svd_oversample,
-            niter=svd_niter, seed=svd_seed, chunk_size=chunk,
+            logits.detach().reshape(-1, v),
+            rows,
+            top_k=svd_top_k,
+            method=svd_method,
+            oversample=svd_oversample,
+            niter=svd_niter,
+            seed=svd_seed,
+            chunk_size=chunk,
         )
     segs = row_segments(rows)
     if torch.is_grad_enabled() and logits.requires_grad:
@@ -302,6 +324,10 @@ def nlg_fused_loss(
     else:
         with torch.no_grad():
             total, stats, _ = _fused_pass(logits, teacher, segs, targets, plan, svd, need_grad=False)
-    names = [("task_loss", with_task_loss), ("consistency_loss", plan.consistency_weight != 0.0),
-             ("diversity_loss", plan.diversity_weight != 0.0), ("svd_loss", plan.svd_weight != 0.0)]
+    names = [
+        ("task_loss", with_task_loss),
+        ("consistency_loss", plan.consistency_weight != 0.0),
+        ("diversity_loss", plan.diversity_weight != 0.0),
+        ("svd_loss", plan.svd_weight != 0.0),
+    ]
     return total, {name: stats[i].detach() for i, (name, on) in enumerate(names) if on}

@@ -16,6 +16,7 @@ eigenproblem, the gradient flows into H as ∂L/∂(HR) · Rᵀ, and no (M, V) m
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +28,15 @@ from torch import Tensor
 
 from balora.losses import IGNORE_INDEX, nlg_valid_mask
 
-__all__ = ["SVDMethod", "TopSingular", "clear_head_cache", "head_gram_root", "hidden_svd_loss", "nlg_svd_loss",
-           "top_singular"]
+__all__ = [
+    "SVDMethod",
+    "TopSingular",
+    "clear_head_cache",
+    "head_gram_root",
+    "hidden_svd_loss",
+    "nlg_svd_loss",
+    "top_singular",
+]
 
 SVDMethod = Literal["randomized", "exact"]
 Segments = list[tuple[int, int, int]]  # runs of consecutive valid rows: (start, stop) in 0..M, first row in 0..B·T
@@ -103,7 +111,7 @@ def empty_grad_like(x: Tensor, segments: Segments) -> Tensor:
     return grad
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool)
 
 
 def map_blocks(work: Callable[[dict, int, int, slice], None], blocks: list[Block], device: torch.device) -> list[dict]:
@@ -120,10 +128,10 @@ def map_blocks(work: Callable[[dict, int, int, slice], None], blocks: list[Block
     if workers <= 1:
         return [_run_share(work, blocks)]
     threads = torch.get_num_threads()
-    if _POOL is None or _POOL._max_workers < workers:
-        _POOL = ThreadPoolExecutor(workers, "balora", initializer=torch.set_num_threads, initargs=(1,))
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < workers:  # a forked child has no threads
+        _POOL = (os.getpid(), ThreadPoolExecutor(workers, "balora", initializer=torch.set_num_threads, initargs=(1,)))
     try:
-        return [f.result() for f in [_POOL.submit(_run_share, work, blocks[i::workers]) for i in range(workers)]]
+        return [f.result() for f in [_POOL[1].submit(_run_share, work, blocks[i::workers]) for i in range(workers)]]
     finally:
         torch.set_num_threads(threads)  # a worker's set_num_threads(1) also moves ATen's default for new threads
 
@@ -165,6 +173,19 @@ class TopSingular:
         return -self.u * inv, self.s.sum() * inv * inv * inv
 
 
+def _eigh(x: Tensor) -> tuple[Tensor, Tensor]:
+    """torch.linalg.eigh, single-threaded on CPU: with 2 threads on a loaded machine LAPACK's many small parallel
+    regions made a 576 × 576 eigh take 18 s instead of 0.2 s."""
+    if x.device.type != "cpu":
+        return torch.linalg.eigh(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(x)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _thin_svd(a: Tensor, k: int, rtol: float = _RTOL) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k thin SVD (u, s, vh) of a float64 (m, n) matrix with min(m, n) small, via its smaller Gram's eigh.
 
@@ -172,16 +193,21 @@ def _thin_svd(a: Tensor, k: int, rtol: float = _RTOL) -> tuple[Tensor, Tensor, T
     regions and were 10-25× slower here with 2 threads on a loaded machine. σ ≤ rtol·σ_max are dropped.
     """
     wide = a.shape[0] <= a.shape[1]
-    evals, evecs = torch.linalg.eigh(a @ a.T if wide else a.T @ a)
+    evals, evecs = _eigh(a @ a.T if wide else a.T @ a)
     s, evecs = evals.flip(0)[:k].clamp_min(0).sqrt(), evecs.flip(1)[:, :k]
     keep = s > rtol * s[0] if s.numel() else s > 0
     s, evecs = s[keep], evecs[:, keep]
     return (evecs, s, (evecs.T @ a) / s[:, None]) if wide else ((a @ evecs) / s, s, evecs.T)
 
 
-def _power_pass(flat: Tensor, segs: Segments, basis: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(Y = Z basis (M, q), X = Zᵀ Y (V, q), ‖Z‖_F² float64) in one read of Z: each block is used twice in cache."""
+def _power_pass(flat: Tensor, segs: Segments, basis: Tensor, chunk: int, norm: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(Y = Z basis (M, q), X = Zᵀ Y (V, q), ‖Z‖_F² float64 if `norm` else 0), reading Z by runs or blocks.
+
+    float32 logits: two large matmuls per run of valid rows, which beat cache-sized blocks here (MKL blocks them
+    itself). Other dtypes: float32 copies of cache-sized blocks, each used twice while in cache.
+    """
     y = basis.new_empty(sum(b - a for a, b, _ in segs), basis.shape[1])
+    blocks = blocks_of(segs, 1 << 40 if flat.dtype == torch.float32 else max(chunk, 32))
 
     def work(state, a, b, rows):
         z = float_rows(flat, rows, state)
@@ -189,9 +215,11 @@ def _power_pass(flat: Tensor, segs: Segments, basis: Tensor, chunk: int) -> tupl
             state["xt"] = basis.new_zeros(basis.shape[1], flat.shape[1])
             state["sq"] = torch.zeros((), dtype=torch.float64, device=flat.device)
         state["xt"].addmm_(torch.mm(z, basis, out=y[a:b]).T, z)  # (q, V) += Yᵀ Z: row-major, z read in order
-        state["sq"] += torch.linalg.vector_norm(z).double().square()
+        if norm:
+            state["sq"] += torch.linalg.vector_norm(z).double().square()
 
-    states = map_blocks(work, blocks_of(segs, max(chunk, 32)), flat.device)
+    states = _run_share(work, blocks) if flat.dtype == torch.float32 else map_blocks(work, blocks, flat.device)
+    states = [states] if isinstance(states, dict) else states
     return y, sum(st["xt"] for st in states).T, sum(st["sq"] for st in states)
 
 
@@ -213,35 +241,29 @@ def _randomized(flat: Tensor, segs: Segments, k: int, q: int, niter: int, seed: 
         generator = torch.Generator(device=flat.device)
         generator.manual_seed(seed)
     basis = torch.randn(flat.shape[1], q, generator=generator, device=flat.device)  # Ω (V, q)
+    sq = None
     for i in range(niter + 1):
-        y, x, sq = _power_pass(flat, segs, basis, chunk)
+        y, x, sq_i = _power_pass(flat, segs, basis, chunk, norm=sq is None)
+        sq = sq_i if sq is None else sq
         if i < niter:
             basis = _thin_svd(x.double(), q, rtol=1e-10)[0].float()  # orthonormalise
     return (*_ritz(y, x, k), sq)
 
 
 def _exact(flat: Tensor, segs: Segments, rows: Tensor, k: int, chunk: int):
-    """Top-k subspace from the float64 eigendecomposition of the smaller Gram, then Rayleigh–Ritz on Z itself."""
+    """Top-k column space from the float64 eigh of Z Zᵀ (M, M), then Rayleigh–Ritz on Z (σ to float32 accuracy)."""
     m, v = rows.numel(), flat.shape[1]
-    if m <= v:  # Z Zᵀ (M, M), over column blocks of Z
-        gram = torch.zeros(m, m, dtype=torch.float64, device=flat.device)
-        width = max(1, chunk * v // max(m, 1))
-        for c in range(0, v, width):
-            block = flat[rows, c : c + width].float()  # (M, width)
-            gram += (block @ block.T).double()
-        basis = torch.linalg.eigh(gram).eigenvectors[:, -k:].float()  # (M, k) column-space basis
-        xt = torch.zeros(k, v, device=flat.device)
-        for a, b, sl in blocks_of(segs, chunk):
-            xt.addmm_(basis[a:b].T, flat[sl].float())  # basisᵀ Z
-        u, s, vh = _thin_svd(xt.double(), k)
-        return (basis.double() @ u).float(), s.float(), vh.float(), gram.diagonal().sum()
-    gram = torch.zeros(v, v, dtype=torch.float64, device=flat.device)  # Zᵀ Z (V, V)
-    for _, _, sl in blocks_of(segs, chunk):
-        z = flat[sl].float()
-        gram += (z.T @ z).double()
-    basis = torch.linalg.eigh(gram).eigenvectors[:, -k:].float()  # (V, k) row-space basis
-    y, x, _ = _power_pass(flat, segs, basis, chunk)
-    return (*_ritz(y, x, k), gram.diagonal().sum())
+    gram = torch.zeros(m, m, dtype=torch.float64, device=flat.device)
+    width = max(1, chunk * v // m)
+    for c in range(0, v, width):  # over column blocks of Z
+        block = flat[rows, c : c + width].float()  # (M, width)
+        gram += (block @ block.T).double()
+    basis = _eigh(gram)[1][:, -k:].float()  # (M, k)
+    xt = torch.zeros(k, v, device=flat.device)
+    for a, b, sl in blocks_of(segs, chunk):
+        xt.addmm_(basis[a:b].T, flat[sl].float())  # basisᵀ Z (k, V)
+    u, s, vh = _thin_svd(xt.double(), k)
+    return (basis.double() @ u).float(), s.float(), vh.float(), gram.diagonal().sum()
 
 
 @torch.no_grad()
@@ -263,7 +285,7 @@ def top_singular(
     like `torch.svd_lowrank`); it falls back to "exact" when min(M, V) ≤ 2q, as `losses.nlg_svd` does. The paper's
     code uses oversample 5; 20 costs about the same here (the reads of Z dominate) and keeps the gradient's cosine to
     the exact one ≥ 0.99 on slowly decaying spectra, where 5 gives 0.8-0.99 (see docs/performance.md).
-    "exact": deterministic, O(min(M, V)² · max(M, V)) work, for small problems and references.
+    "exact": deterministic, O(M² · V) work and an (M, M) float64 Gram, for small problems and references.
     """
     if top_k < 1 or oversample < 0 or niter < 0:
         raise ValueError(f"need top_k >= 1, oversample >= 0, niter >= 0; got {top_k}, {oversample}, {niter}")
@@ -342,8 +364,16 @@ def nlg_svd_loss(
     v = logits.shape[-1]
     rows = valid_rows(labels, ignore_index=ignore_index)
     chunk = chunk_size or default_chunk_rows(v)
-    top = top_singular(logits.detach().reshape(-1, v), rows, top_k=top_k, method=method, oversample=oversample,
-                       niter=niter, seed=seed, chunk_size=chunk)
+    top = top_singular(
+        logits.detach().reshape(-1, v),
+        rows,
+        top_k=top_k,
+        method=method,
+        oversample=oversample,
+        niter=niter,
+        seed=seed,
+        chunk_size=chunk,
+    )
     return _SVDLoss.apply(logits, row_segments(rows), top, chunk)
 
 
@@ -361,7 +391,7 @@ def clear_head_cache() -> None:
 
 def _gram_root(gram: Tensor) -> Tensor:
     """R (d, r) float64 with R Rᵀ = gram (d, d) PSD, from its eigendecomposition; null directions dropped."""
-    evals, evecs = torch.linalg.eigh(gram.double())
+    evals, evecs = _eigh(gram.double())
     keep = evals > evals[-1].clamp_min(0) * gram.shape[0] * torch.finfo(torch.float64).eps
     return evecs[:, keep] * evals[keep].sqrt()
 
