@@ -295,3 +295,14 @@ def test_fused_nlg_objective_equals_the_reference_one(tmp_path, svd_method, accu
     torch.testing.assert_close(values["fused"], values["reference"], atol=1e-5, rtol=1e-5)
     for name, grad in grads["reference"].items():
         torch.testing.assert_close(grads["fused"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_svd_method_auto_uses_the_hidden_states_only_where_the_head_allows_it(tmp_path):
+    from balora.trainer import resolve_svd_method
+
+    model = get_balora_model(tiny_llama(), BALoRAConfig(r=2))
+    assert resolve_svd_method(model.balora_config, model) == "hidden"
+    model.get_output_embeddings().weight.requires_grad_(True)
+    assert resolve_svd_method(model.balora_config, model) == "randomized"
+    with pytest.raises(ValueError, match="the output head is trained"):
+        resolve_svd_method(BALoRAConfig(r=2, svd_method="hidden").resolve("nlg"), model)

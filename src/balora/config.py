@@ -23,7 +23,7 @@ Task = Literal["nlu", "nlg"]
 InitMethod = Literal["lora", "pissa"]
 ConsistencySchedule = Literal["constant", "cosine"]
 RegularizerSchedule = Literal["constant", "two_phase"]
-SvdMethod = Literal["randomized", "exact", "hidden"]
+SvdMethod = Literal["auto", "randomized", "exact", "hidden"]
 LossImpl = Literal["fused", "reference"]
 
 CONFIG_NAME = "balora_config.json"
@@ -87,8 +87,11 @@ class BALoRAConfig:
     )
     svd_loss_niter: int = field(default=2, metadata={"help": "NLG randomized SVD term: power iterations."})
     svd_method: SvdMethod = field(
-        default="randomized",
-        metadata={"help": "NLG SVD term: randomized (paper), exact on the logits, or hidden (exact, frozen head)."},
+        default="auto",
+        metadata={
+            "help": "NLG SVD term: randomized (paper), exact on the logits, hidden (exact from the final hidden "
+            "states; needs a frozen bias-free head), or auto (hidden where the head allows it, else randomized)."
+        },
     )
     loss_impl: LossImpl = field(
         default="fused",
@@ -123,7 +126,7 @@ class BALoRAConfig:
             _check_choice("task", self.task, ("nlu", "nlg"))
         if self.init is not None:
             _check_choice("init", self.init, ("lora", "pissa"))
-        _check_choice("svd_method", self.svd_method, ("randomized", "exact", "hidden"))
+        _check_choice("svd_method", self.svd_method, ("auto", "randomized", "exact", "hidden"))
         _check_choice("loss_impl", self.loss_impl, ("fused", "reference"))
         if self.consistency_schedule is not None:
             _check_choice("consistency_schedule", self.consistency_schedule, ("constant", "cosine"))

@@ -48,6 +48,7 @@ class BALoRATrainer(Trainer):
         if config.task is None:
             raise ValueError("balora_config.task is not set: call config.resolve(task) or use get_balora_model")
         self.balora_config = config
+        self.svd_method = resolve_svd_method(config, peft_model)
         # We compute the task loss ourselves from the logits, normalised by num_items_in_batch: ask the Trainer to
         # count the items of each optimizer step (it does so only for models that take loss kwargs).
         self.model_accepts_loss_kwargs = True
@@ -83,7 +84,7 @@ class BALoRATrainer(Trainer):
         teacher_logits = None
         if l1 > 0:
             teacher_logits = self._teacher_logits(model, model_inputs)
-        hidden_svd = cfg.task == "nlg" and l3 > 0 and cfg.svd_method == "hidden"
+        hidden_svd = cfg.task == "nlg" and l3 > 0 and self.svd_method == "hidden"
         outputs = model(**model_inputs, **({"output_hidden_states": True} if hidden_svd else {}))
         logits = outputs.logits
         ga = self._accumulation_steps() if training else 1
@@ -148,7 +149,7 @@ class BALoRATrainer(Trainer):
                     top_k=cfg.svd_top_k,
                     oversample=cfg.svd_oversample,
                     niter=cfg.svd_loss_niter,
-                    exact=True if cfg.svd_method != "randomized" else None,
+                    exact=True if self.svd_method != "randomized" else None,
                 )
         loss = task_loss
         for weight, value in zip(weights, terms.values(), strict=True):
@@ -171,7 +172,7 @@ class BALoRATrainer(Trainer):
         """NLG objective in one chunked pass with closed-form gradients (`balora.fused`, `balora.spectral`)."""
         cfg = self.balora_config
         l1, l2, l3 = weights
-        hidden_svd = l3 > 0 and cfg.svd_method == "hidden"
+        hidden_svd = l3 > 0 and self.svd_method == "hidden"
         count = int(losses.nlg_valid_mask(labels).sum())
         loss, values = nlg_fused_loss(
             outputs.logits,
@@ -184,7 +185,7 @@ class BALoRATrainer(Trainer):
             temperature=cfg.temperature,
             entropy_top_k=cfg.entropy_top_k,
             svd_top_k=cfg.svd_top_k,
-            svd_method="exact" if cfg.svd_method == "exact" else "randomized",
+            svd_method="exact" if self.svd_method == "exact" else "randomized",
             svd_oversample=cfg.svd_oversample,
             svd_niter=cfg.svd_loss_niter,
         )
@@ -274,16 +275,33 @@ def row_keys(model_inputs: dict[str, Any]) -> list[bytes]:
     return keys
 
 
-def _frozen_bias_free_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The output head, checked to be what `svd_method="hidden"` assumes: logits = hidden @ Wᵀ, W frozen."""
-    peft_model = unwrap_peft_model(model)
+def _head_problem(peft_model: torch.nn.Module) -> str | None:
+    """Why `svd_method="hidden"` (logits = hidden @ Wᵀ with W frozen) does not fit this model, or None."""
     head = peft_model.get_output_embeddings()
     config = peft_model.config
-    if head is None or getattr(head, "bias", None) is not None or head.weight.requires_grad:
-        raise ValueError(
-            "svd_method='hidden' needs a frozen output head without bias (logits = hidden @ Wᵀ); this model's head "
-            "does not fit. Use svd_method='randomized' or 'exact'."
-        )
+    if head is None or not isinstance(getattr(head, "weight", None), Tensor):
+        return "the model has no output head weight"
+    if getattr(head, "bias", None) is not None:
+        return "the output head has a bias"
+    if head.weight.requires_grad:
+        return "the output head is trained"
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1.0):
-        raise ValueError("svd_method='hidden' cannot model logit soft-capping or scaling; use 'randomized' or 'exact'")
-    return head
+        return "the model soft-caps or scales its logits"
+    return None
+
+
+def resolve_svd_method(config: BALoRAConfig, peft_model: torch.nn.Module) -> str:
+    """The NLG SVD method to run: `auto` becomes `hidden` where the head allows it, else `randomized`."""
+    if config.task != "nlg":
+        return config.svd_method
+    problem = _head_problem(peft_model)
+    if config.svd_method == "auto":
+        return "randomized" if problem else "hidden"
+    if config.svd_method == "hidden" and problem:
+        raise ValueError(f"svd_method='hidden' does not fit this model: {problem}. Use 'randomized' or 'exact'.")
+    return config.svd_method
+
+
+def _frozen_bias_free_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The output head (checked by `resolve_svd_method` when the trainer was built)."""
+    return unwrap_peft_model(model).get_output_embeddings()
