@@ -110,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_diagnose(args)
         return cmd_demo(args)
     except KeyboardInterrupt:
-        print("\nbalora: interrupted; run the same command with --resume to continue from the last checkpoint",
-              file=sys.stderr)
+        hint = {
+            "train": "run the same command with --resume to continue from the last checkpoint",
+            "compare": "run the same command again: finished runs are kept, the unfinished one is redone",
+        }.get(args.command, "nothing was written for the unfinished step")
+        print(f"\nbalora: interrupted; {hint}", file=sys.stderr)
         return 130
     except _input_errors() as error:
         print(f"balora: error: {error}", file=sys.stderr)

@@ -100,8 +100,8 @@ def parse_noise(text: str) -> list[float]:
 
 
 def plan(config: str | Path, methods: Sequence[str], seeds: Sequence[int], noises: Sequence[float],
-         output_dir: Path, overrides: Sequence[str]) -> list[tuple[RunSpec, Experiment]]:
-    """Every run's spec and validated experiment, in the order they run (before anything trains)."""
+         output_dir: Path, overrides: Sequence[str]) -> list[tuple[RunSpec, Experiment, dict[str, Any]]]:
+    """Every run's spec, validated experiment and raw mapping, in the order they run (before anything trains)."""
     runs = []
     # Seed outermost: an interrupted comparison holds whole seeds of the method × noise grid.
     for seed in seeds:
@@ -110,36 +110,39 @@ def plan(config: str | Path, methods: Sequence[str], seeds: Sequence[int], noise
                 spec = RunSpec(method, noise, seed)
                 per_run = [*METHODS[method], "--training.seed", str(seed), "--data.label_noise", str(noise),
                            "--output_dir", str(output_dir / spec.subdir())]
-                experiment, _ = load_experiment(config, [*overrides, *per_run])
+                experiment, raw = load_experiment(config, [*overrides, *per_run])
                 if experiment.is_nlg and noise > 0:
                     raise ConfigError("label noise applies to classification only; use --label-noise 0 for NLG")
-                runs.append((spec, experiment))
+                runs.append((spec, experiment, raw))
     return runs
 
 
-def _same_config(run_dir: Path, experiment: Experiment) -> None:
-    """A finished run is reused only if it was trained with this experiment (the resolved balora section aside)."""
+def _same_config(run_dir: Path, raw: dict[str, Any]) -> None:
+    """A finished run is reused only if every key the experiment file and overrides set has the value it had then.
+
+    Library defaults are not compared: a default changed in a newer balora does not invalidate finished runs.
+    """
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    wanted = experiment.to_dict()
-    for section in ("model", "data", "training"):
-        if saved.get(section) != wanted[section]:
-            raise ConfigError(
-                f"{run_dir} was trained with a different {section!r} section ({saved.get(section)!r}, now "
-                f"{wanted[section]!r}); choose a new --output-dir or delete that run to redo it"
-            )
-    for key, value in experiment.balora.to_dict().items():
-        if value is not None and saved.get("balora", {}).get(key) != value:
-            raise ConfigError(f"{run_dir} was trained with balora.{key} = {saved.get('balora', {}).get(key)!r}, "
-                              f"now {value!r}; choose a new --output-dir or delete that run to redo it")
+    for section, values in raw.items():
+        if section == "output_dir" or not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            before = (saved.get(section) or {}).get(key)
+            if before != value:
+                raise ConfigError(
+                    f"{run_dir} was trained with {section}.{key} = {before!r}, now {value!r}; choose a new "
+                    "--output-dir or delete that run to redo it"
+                )
 
 
-def run_one(spec: RunSpec, experiment: Experiment, *, eval_task: str | None, eval_limit: int | None,
-            eval_max_new_tokens: int | None, diagnose_options: dict[str, Any]) -> dict[str, Any]:
+def run_one(spec: RunSpec, experiment: Experiment, raw: dict[str, Any], *, eval_task: str | None,
+            eval_limit: int | None, eval_max_new_tokens: int | None,
+            diagnose_options: dict[str, Any]) -> dict[str, Any]:
     """Train (unless finished), evaluate and diagnose one run; returns its figures."""
     run_dir = Path(experiment.output_dir)
     reused = (run_dir / "metrics.json").is_file()
     if reused:
-        _same_config(run_dir, experiment)
+        _same_config(run_dir, raw)
     else:
         if run_dir.exists():  # an interrupted run: start it again from scratch
             shutil.rmtree(run_dir)
@@ -239,9 +242,9 @@ def compare(config: str | Path, *, methods: Sequence[str], seeds: Sequence[int],
         "seeds": list(seeds), "label_noise": list(noises), "eval_task": eval_task, "eval_limit": eval_limit,
         "output_dir": str(out), "machine": machine(), "runs": [],
     }
-    for index, (spec, experiment) in enumerate(runs, start=1):
+    for index, (spec, experiment, raw) in enumerate(runs, start=1):
         print(f"balora compare: run {index}/{len(runs)}: {spec.subdir()}", flush=True)
-        result["runs"].append(run_one(spec, experiment, eval_task=eval_task, eval_limit=eval_limit,
+        result["runs"].append(run_one(spec, experiment, raw, eval_task=eval_task, eval_limit=eval_limit,
                                       eval_max_new_tokens=eval_max_new_tokens,
                                       diagnose_options=diagnose_options or {}))
         write_json_atomic(out / "comparison.json", result)  # progress so far
@@ -265,9 +268,10 @@ _DIAGNOSTIC_COLUMNS = (
 def _cell(stat: dict[str, Any] | None, digits: int = 4) -> str:
     if not stat or stat.get("mean") is None:
         return "—"
+    mean = stat["mean"] + 0.0  # no "-0.000"
     if stat["n"] > 1:
-        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f}"
+        return f"{mean:.{digits}f} ± {stat['std']:.{digits}f}"
+    return f"{mean:.{digits}f}"
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -55,7 +55,7 @@ def label_entropy(labels: Sequence[int] | np.ndarray, num_classes: int) -> float
     if counts.sum() == 0:
         return 0.0
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p)).sum()) + 0.0  # + 0.0: a one-class entropy is 0.0, not -0.0
 
 
 def effective_rank(matrix: Tensor) -> float:
