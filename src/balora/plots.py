@@ -38,15 +38,15 @@ def plot_training_curves(
         raise ValueError("no loss terms in the log history; was anything logged (training.logging_steps)?")
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4), squeeze=False)
     for ax, term in zip(axes[0], present, strict=True):
-        for name, history in histories.items():
+        for index, (name, history) in enumerate(histories.items()):
             points = [(e["step"], e[term]) for e in history if term in e and "step" in e]
-            if points:
+            if points:  # one colour per run in every panel, so a run without a term leaves its colour unused
                 steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, marker="o", markersize=2.5, label=name)
+                ax.plot(steps, values, marker="o", markersize=2.5, label=name, color=f"C{index}")
+        ax.legend(fontsize=8)
         ax.set_title(term.replace("_", " "))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
