@@ -104,3 +104,19 @@ MODEL_FACTORIES = {
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def teacher_calls(monkeypatch):
+    """A list that gets one entry per teacher forward the trainer makes (spies on `pretrained_teacher`)."""
+    import balora.trainer as trainer_module
+
+    calls: list[int] = []
+    real = trainer_module.pretrained_teacher
+
+    def spy(model):
+        calls.append(1)
+        return real(model)
+
+    monkeypatch.setattr(trainer_module, "pretrained_teacher", spy)
+    return calls

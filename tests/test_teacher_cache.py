@@ -7,7 +7,6 @@ import torch
 from datasets import Dataset
 from transformers import TrainingArguments
 
-import balora.trainer as trainer_module
 from balora import BALoRAConfig, BALoRATrainer, get_balora_model
 from balora.trainer import row_keys
 
@@ -30,15 +29,8 @@ def _model():
     return model
 
 
-def _train(tmp_path, cache: bool, monkeypatch):
-    calls = []
-    real = trainer_module.pretrained_teacher
-
-    def spy(model):
-        calls.append(1)
-        return real(model)
-
-    monkeypatch.setattr(trainer_module, "pretrained_teacher", spy)
+def _train(tmp_path, cache: bool, calls: list[int]):
+    calls.clear()
     torch.manual_seed(0)
     model = get_balora_model(_model(), BALoRAConfig(r=2, teacher_cache=cache))
     args = TrainingArguments(
@@ -51,9 +43,9 @@ def _train(tmp_path, cache: bool, monkeypatch):
     return params, len(calls), trainer
 
 
-def test_cache_skips_the_teacher_after_the_first_epoch_and_changes_nothing(tmp_path, monkeypatch):
-    plain, plain_calls, _ = _train(tmp_path / "a", False, monkeypatch)
-    cached, cached_calls, trainer = _train(tmp_path / "b", True, monkeypatch)
+def test_cache_skips_the_teacher_after_the_first_epoch_and_changes_nothing(tmp_path, teacher_calls):
+    plain, plain_calls, _ = _train(tmp_path / "a", False, teacher_calls)
+    cached, cached_calls, trainer = _train(tmp_path / "b", True, teacher_calls)
     assert plain_calls == 6  # 3 epochs × 2 batches
     assert cached_calls == 2  # the first epoch only
     assert trainer.state.log_history[-2]["teacher_cache_hit_rate"] == pytest.approx(1.0)

@@ -178,17 +178,8 @@ def test_tiny_end_to_end_with_all_three_terms(tmp_path, task):
     assert logs[-1]["task_loss"] < logs[0]["task_loss"]
 
 
-def test_teacher_forward_is_skipped_when_consistency_weight_is_zero(tmp_path, monkeypatch):
-    import balora.trainer as trainer_module
-
-    calls = []
-    real = trainer_module.pretrained_teacher
-
-    def spy(model):
-        calls.append(1)
-        return real(model)
-
-    monkeypatch.setattr(trainer_module, "pretrained_teacher", spy)
+def test_teacher_forward_is_skipped_when_consistency_weight_is_zero(tmp_path, teacher_calls):
+    calls = teacher_calls
     model = get_balora_model(tiny_llama(), BALoRAConfig(r=2, consistency_weight=0.0))
     _train_end_to_end(model, _nlg_dataset(rows=8), tmp_path, steps=2)
     assert calls == []
