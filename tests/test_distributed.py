@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +15,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _free_port() -> int:
+    """A port nobody listens on now: tests running in parallel (pytest -n) must not share a rendezvous port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _run(tmp_path: Path, processes: int, batch: int, method: str) -> list[dict]:
     out = tmp_path / f"log-{processes}-{method}.json"
     worker = [str(ROOT / "tests" / "_ddp_worker.py"), str(out), str(batch), method]
     if processes == 1:
         cmd = [sys.executable, *worker]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", "29571", *worker]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(_free_port()),
+            *worker,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
