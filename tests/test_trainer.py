@@ -99,9 +99,12 @@ def test_accumulation_gives_the_gradient_of_one_large_batch(tmp_path, factory, d
         torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+LAMBDA = 1e4
+
+
 def test_regularizers_are_averaged_not_multiplied_over_accumulation_steps(tmp_path):
     """The step's gradient is ∇[Σ CE / N_total + λ · mean over micro-batches of the diversity term]."""
-    config = BALoRAConfig(r=2, consistency_weight=0.0, diversity_weight=2.0, svd_weight=0.0)
+    config = BALoRAConfig(r=2, consistency_weight=0.0, diversity_weight=LAMBDA, svd_weight=0.0)
     dataset = _nlu_dataset()
     delta, trainer = _update(
         _no_dropout_bert, config, dataset, tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2
@@ -111,17 +114,23 @@ def test_regularizers_are_averaged_not_multiplied_over_accumulation_steps(tmp_pa
     reference.train()
     ids = torch.tensor(dataset["input_ids"])
     labels = torch.tensor(dataset["labels"])
-    total = 0.0
+    total, regularizer = 0.0, 0.0
     for rows in (slice(0, 2), slice(2, 4)):
         logits = reference(input_ids=ids[rows]).logits
         ce = torch.nn.functional.cross_entropy(logits, labels[rows], reduction="sum") / 4
-        total = total + ce + 2.0 * losses.nlu_diversity(logits) / 2
-    total.backward()
+        regularizer = regularizer + LAMBDA * losses.nlu_diversity(logits) / 2
+        total = total + ce
+    trainable = [p for p in reference.parameters() if p.requires_grad]
+    # The regularizer's own share of the gradient must be far above the tolerance, or the test could not tell
+    # λ from 2λ (a small random model has tiny logit covariances, hence the large λ).
+    share = torch.autograd.grad(regularizer, trainable, retain_graph=True)
+    assert max(g.abs().max() for g in share) > 1e-3
+    (total + regularizer).backward()
     for name, param in reference.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(delta[name], param.grad, atol=1e-6, rtol=1e-4, msg=name)
     logged = trainer.state.log_history[0]
-    assert logged["lambda_diversity"] == pytest.approx(2.0)
+    assert logged["lambda_diversity"] == pytest.approx(LAMBDA)
     assert "consistency_loss" not in logged and "svd_loss" not in logged, "terms with λ = 0 must not be computed"
 
 
