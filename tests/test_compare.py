@@ -169,21 +169,28 @@ def test_methods_seeds_and_noise_parsing() -> None:
 
 
 def test_baseline_methods_override_regularizer_weights(tiny_setup: Path) -> None:
-    runs = compare_module.plan(tiny_setup / "experiment.yaml", ["lora", "pissa", "balora", "balora-nosvd"], [3],
+    runs = compare_module.plan(tiny_setup / "experiment.yaml",
+                               ["lora", "pissa", "balora", "balora-nosvd", "balora-featsvd"], [3],
                                [0.0], tiny_setup / "plan", ["--balora.svd_weight", "0.5"])
     by_method = {spec.method: exp for spec, exp, _ in runs}
     assert by_method["lora"].balora.svd_weight == 0.0 and by_method["pissa"].balora.method == "pissa"
     assert by_method["balora"].balora.svd_weight == 0.5
     assert by_method["balora-nosvd"].balora.svd_weight == 0.0 and by_method["balora-nosvd"].balora.method == "balora"
+    assert by_method["balora-featsvd"].balora.svd_input == "features"
+    assert by_method["balora"].balora.svd_input == "logits"
     assert all(exp.training["seed"] == 3 for exp in by_method.values())
 
 
 def test_nlu_svd_term_is_inert_with_k5_and_two_classes(tiny_setup: Path) -> None:
-    """With the paper's k = 5 and 2 classes the SVD term is the constant −1: balora and balora-nosvd train alike."""
-    result = compare_module.compare(tiny_setup / "experiment.yaml", methods=["balora", "balora-nosvd"], seeds=[0],
+    """With the paper's k = 5 and 2 classes the SVD term is the constant −1: balora and balora-nosvd train alike;
+    on the pooled features (balora-featsvd) the same k gives a real term that changes training."""
+    result = compare_module.compare(tiny_setup / "experiment.yaml",
+                                    methods=["balora", "balora-nosvd", "balora-featsvd"], seeds=[0],
                                     noises=[0.25], output_dir=tiny_setup / "svd_ablation",
                                     overrides=["--balora.svd_top_k", "5"])
-    with_svd, without = result["runs"]
+    with_svd, without, on_features = result["runs"]
+    assert -1.0 < on_features["final_terms"]["svd_loss"] < -0.1
+    assert on_features["final_terms"]["task_loss"] != without["final_terms"]["task_loss"]
     assert with_svd["final_terms"]["svd_loss"] == -1.0 and "svd_loss" not in without["final_terms"]
     assert with_svd["metrics"]["eval_loss"] == without["metrics"]["eval_loss"]
     assert with_svd["final_terms"]["task_loss"] == without["final_terms"]["task_loss"]

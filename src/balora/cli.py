@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("config", help="experiment YAML file (see configs/compare/)")
     cmp.add_argument("--methods", default="lora,pissa,balora", help="comma list of lora, pissa, balora, "
-                     "balora-nosvd (balora without the SVD term); default lora,pissa,balora")
+                     "balora-nosvd (balora without the SVD term), balora-featsvd (NLU: the SVD term on the pooled "
+                     "features); default lora,pissa,balora")
     cmp.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma list of seeds (default 3)")
     cmp.add_argument("--label-noise", default="0", help="comma list of label-noise rates (default 0)")
     cmp.add_argument("--output-dir", help="where runs and comparison.{md,json,png} go (default: the config's)")

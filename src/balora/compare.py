@@ -37,12 +37,11 @@ METHODS: dict[str, list[str]] = {
     "pissa": ["--balora.method", "pissa", *_NO_REGULARIZERS],
     "balora": ["--balora.method", "balora"],
     "balora-nosvd": ["--balora.method", "balora", "--balora.svd_weight", "0.0"],
+    "balora-featsvd": ["--balora.method", "balora", "--balora.svd_input", "features"],
 }
 UNSUPPORTED = {
     "full": "full fine-tuning is not implemented in balora compare: train_experiment always wraps the model in a "
             "LoRA adapter, and diagnose/load_run read an adapter; compare lora, pissa, balora, balora-nosvd",
-    "balora-featsvd": "the SVD term on pooled features needs a hook in BALoRATrainer (see docs/results.md); "
-                      "use balora-nosvd, or balora with --balora.svd_top_k 1, for the SVD ablation",
 }
 RUN_INFO = "compare_run.json"
 DIAGNOSTIC_KEYS = ("drift_kl", "perplexity_change", "predicted_class_entropy", "true_label_entropy",

@@ -25,6 +25,7 @@ ConsistencySchedule = Literal["constant", "cosine"]
 RegularizerSchedule = Literal["constant", "two_phase"]
 SvdMethod = Literal["auto", "randomized", "exact", "hidden"]
 LossImpl = Literal["fused", "reference"]
+SvdInput = Literal["logits", "features"]
 
 CONFIG_NAME = "balora_config.json"
 
@@ -93,6 +94,13 @@ class BALoRAConfig:
             "states; needs a frozen bias-free head), or auto (hidden where the head allows it, else randomized)."
         },
     )
+    svd_input: SvdInput = field(
+        default="logits",
+        metadata={
+            "help": "NLU SVD term on: logits (paper) or features (the batch's inputs to the classifier's last "
+            "Linear, i.e. the pooled features; k = svd_top_k then means something on a 2-class task)."
+        },
+    )
     loss_impl: LossImpl = field(
         default="fused",
         metadata={
@@ -128,6 +136,9 @@ class BALoRAConfig:
             _check_choice("init", self.init, ("lora", "pissa"))
         _check_choice("svd_method", self.svd_method, ("auto", "randomized", "exact", "hidden"))
         _check_choice("loss_impl", self.loss_impl, ("fused", "reference"))
+        _check_choice("svd_input", self.svd_input, ("logits", "features"))
+        if self.svd_input == "features" and self.task == "nlg":
+            raise ValueError(_FEATURES_NLG)
         if self.consistency_schedule is not None:
             _check_choice("consistency_schedule", self.consistency_schedule, ("constant", "cosine"))
         if self.regularizer_schedule is not None:
@@ -187,6 +198,8 @@ class BALoRAConfig:
         """A copy with the task set and every `None` filled from the method's preset for that task."""
         if self.task is not None and self.task != task:
             raise ValueError(f"config says task={self.task!r} but the model is a {task!r} model")
+        if self.svd_input == "features" and task == "nlg":
+            raise ValueError(_FEATURES_NLG)
         l1, l2, l3, k, c_sched, r_sched = PRESETS[task]
         on = self.method == "balora"
 
@@ -251,6 +264,12 @@ class BALoRAConfig:
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is this a balora run or adapter directory?")
         values = json.loads(path.read_text())
         return cls.from_dict({k: v for k, v in values.items() if not k.startswith("_")})
+
+
+_FEATURES_NLG = (
+    "svd_input='features' is for NLU (sequence classification); the NLG SVD term acts on the logits, and "
+    "svd_method='hidden' already computes it exactly from the final hidden states. Set svd_input='logits'"
+)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -49,6 +51,8 @@ class BALoRATrainer(Trainer):
             raise ValueError("balora_config.task is not set: call config.resolve(task) or use get_balora_model")
         self.balora_config = config
         self.svd_method = resolve_svd_method(config, peft_model)
+        # svd_input="features": the Linear layers that can produce the logits (checked now, hooked per forward).
+        self._logit_layers = classifier_layers(peft_model) if config.svd_input == "features" else []
         # We compute the task loss ourselves from the logits, normalised by num_items_in_batch: ask the Trainer to
         # count the items of each optimizer step (it does so only for models that take loss kwargs).
         self.model_accepts_loss_kwargs = True
@@ -85,7 +89,18 @@ class BALoRATrainer(Trainer):
         if l1 > 0:
             teacher_logits = self._teacher_logits(model, model_inputs)
         hidden_svd = cfg.task == "nlg" and l3 > 0 and self.svd_method == "hidden"
-        outputs = model(**model_inputs, **({"output_hidden_states": True} if hidden_svd else {}))
+        features = None
+        if cfg.task == "nlu" and l3 > 0 and cfg.svd_input == "features":
+            with capture_classifier_input(self._logit_layers) as captured:
+                outputs = model(**model_inputs)
+            features = captured[-1] if captured else None
+            if features is None or features.dim() != 2 or features.shape[0] != labels.shape[0]:
+                raise RuntimeError(
+                    "svd_input='features': no (batch, features) input reached the classifier's last Linear in this "
+                    "forward; this model's head is not supported, use svd_input='logits'"
+                )
+        else:
+            outputs = model(**model_inputs, **({"output_hidden_states": True} if hidden_svd else {}))
         logits = outputs.logits
         ga = self._accumulation_steps() if training else 1
         if cfg.task == "nlg" and cfg.loss_impl == "fused":
@@ -93,7 +108,9 @@ class BALoRATrainer(Trainer):
                 model, outputs, labels, teacher_logits, (l1, l2, l3), ga, num_items_in_batch
             )
         else:
-            loss, values = self._reference_loss(logits, labels, teacher_logits, (l1, l2, l3), ga, num_items_in_batch)
+            loss, values = self._reference_loss(
+                logits, labels, teacher_logits, (l1, l2, l3), ga, num_items_in_batch, svd_features=features
+            )
 
         store = self._term_logs["train" if training else "eval"]
         for name, value in values.items():
@@ -121,8 +138,12 @@ class BALoRATrainer(Trainer):
         weights: tuple[float, float, float],
         ga: int,
         num_items_in_batch: Tensor | int | None,
+        svd_features: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The objective from the plain functions of `balora.losses` (NLU, and NLG with loss_impl="reference")."""
+        """The objective from the plain functions of `balora.losses` (NLU, and NLG with loss_impl="reference").
+
+        `svd_features` (NLU, svd_input="features"): the batch matrix the SVD term acts on instead of the logits.
+        """
         cfg = self.balora_config
         l1, l2, l3 = weights
         task_sum, count = self._task_loss_sum(logits, labels)
@@ -134,7 +155,8 @@ class BALoRATrainer(Trainer):
             if l2 > 0:
                 terms["diversity_loss"] = losses.nlu_diversity(logits)
             if l3 > 0:
-                terms["svd_loss"] = losses.nlu_svd(logits, top_k=cfg.svd_top_k)
+                spectrum_of = logits if svd_features is None else svd_features
+                terms["svd_loss"] = losses.nlu_svd(spectrum_of, top_k=cfg.svd_top_k)
         else:
             if l1 > 0:
                 terms["consistency_loss"] = losses.nlg_consistency(
@@ -273,6 +295,43 @@ def row_keys(model_inputs: dict[str, Any]) -> list[bytes]:
             digest.update(value.contiguous().numpy().tobytes())
         keys.append(digest.digest())
     return keys
+
+
+def classifier_layers(peft_model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The Linear layers whose output can be the logits of a sequence classifier (out_features = num_labels).
+
+    LoRA's own factors are skipped (lora_A has out_features = r, which can equal num_labels).
+    With PEFT's modules_to_save the head exists as the original and one copy per adapter; only the active one runs,
+    so hooking all of them and keeping the last input seen in a forward gives the features the logits came from.
+    """
+    num_labels = getattr(peft_model.config, "num_labels", None)
+    layers = [
+        m for name, m in peft_model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m.out_features == num_labels
+        and not any(part.startswith("lora_") for part in name.split("."))  # LoRA A has out_features = r
+    ]
+    if not num_labels or not layers:
+        raise ValueError(
+            "svd_input='features' needs a sequence-classification head ending in a Linear layer with num_labels "
+            f"outputs; {type(peft_model).__name__} has none. Use svd_input='logits'"
+        )
+    return layers
+
+
+@contextmanager
+def capture_classifier_input(layers: list[torch.nn.Linear]) -> Iterator[list[Tensor]]:
+    """Collect the input of every call of `layers` during the block (forward pre-hooks, removed on exit)."""
+    captured: list[Tensor] = []
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        captured.append(args[0])
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _head_problem(peft_model: torch.nn.Module) -> str | None:
