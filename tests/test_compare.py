@@ -155,8 +155,7 @@ def test_compare_refuses_a_changed_config(tiny_setup: Path) -> None:
 
 def test_methods_seeds_and_noise_parsing() -> None:
     assert compare_module.parse_methods("lora, pissa,balora-nosvd") == ["lora", "pissa", "balora-nosvd"]
-    with pytest.raises(ConfigError, match="full fine-tuning is not implemented"):
-        compare_module.parse_methods("lora,full")
+    assert compare_module.parse_methods("balora-featsvd,full") == ["balora-featsvd", "full"]
     with pytest.raises(ConfigError, match="unknown method 'dora'"):
         compare_module.parse_methods("dora")
     assert compare_module.parse_seeds("3") == [0, 1, 2]
@@ -195,3 +194,47 @@ def test_nlu_svd_term_is_inert_with_k5_and_two_classes(tiny_setup: Path) -> None
     assert with_svd["metrics"]["eval_loss"] == without["metrics"]["eval_loss"]
     assert with_svd["final_terms"]["task_loss"] == without["final_terms"]["task_loss"]
     assert with_svd["diagnostics"]["drift_kl"] == without["diagnostics"]["drift_kl"]
+
+
+def test_full_fine_tuning_runs_trains_every_weight_and_diagnoses_against_the_base(tiny_setup: Path) -> None:
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from balora.diagnose import load_run_seeded
+    from balora.evaluate import export_run, pretrained_view
+
+    out = tiny_setup / "full"
+    with pytest.raises(ConfigError, match="`full` in --methods"):
+        compare_module.plan(tiny_setup / "experiment.yaml", ["lora"], [0], [0.0], out, [], full_learning_rate=1e-3)
+    result = compare_module.compare(tiny_setup / "experiment.yaml", methods=["lora", "full"], seeds=[0],
+                                    noises=[0.25], output_dir=out, full_learning_rate=1e-3)
+    lora_run, full_run = result["runs"]
+    run_dir = Path(full_run["run_dir"])
+    assert (run_dir / "model" / "config.json").is_file() and not (run_dir / "adapter").exists()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["balora"]["method"] == "full" and saved["training"]["learning_rate"] == 1e-3
+    lora_saved = yaml.safe_load((Path(lora_run["run_dir"]) / "config.yaml").read_text())
+    assert lora_saved["training"]["learning_rate"] == 1e-2  # only `full` gets --full-learning-rate
+
+    base = BertForSequenceClassification.from_pretrained(tiny_setup / "model")
+    tuned = BertForSequenceClassification.from_pretrained(run_dir / "model")
+    base_weights, tuned_weights = base.state_dict(), tuned.state_dict()
+    for name in ("bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.1.output.dense.weight",
+                 "bert.pooler.dense.weight", "classifier.weight"):
+        assert not torch.equal(base_weights[name], tuned_weights[name]), f"{name} did not train"
+
+    _, model, _ = load_run_seeded(run_dir)
+    with pretrained_view(model) as reference:
+        assert reference is not model
+        for name, value in reference.state_dict().items():
+            torch.testing.assert_close(value, base_weights[name], msg=name)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, tuned_weights[name], msg=name)
+    assert full_run["diagnostics"]["drift_kl"] > 0.0 and full_run["diagnostics"]["memorisation"] is not None
+    table = (out / "comparison.md").read_text()
+    assert "| full |" in table and "learning rate 0.001" in table
+
+    with pytest.raises(ConfigError, match="full fine-tuning run"):
+        export_run(run_dir, "lora", tiny_setup / "export_lora")
+    with pytest.raises(ConfigError, match="full fine-tuning run"):
+        export_run(run_dir, "merged", tiny_setup / "export_merged")

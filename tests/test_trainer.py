@@ -306,3 +306,35 @@ def test_svd_method_auto_uses_the_hidden_states_only_where_the_head_allows_it(tm
     assert resolve_svd_method(model.balora_config, model) == "randomized"
     with pytest.raises(ValueError, match="the output head is trained"):
         resolve_svd_method(BALoRAConfig(r=2, svd_method="hidden").resolve("nlg"), model)
+
+
+def test_full_fine_tuning_trains_every_weight_on_the_task_loss(tmp_path):
+    model = _no_dropout_bert()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dataset = _nlu_dataset()
+    trainer = BALoRATrainer(model=model, args=_args(tmp_path), train_dataset=dataset,
+                            balora_config=BALoRAConfig(method="full"))
+    assert trainer.balora_config.task == "nlu" and trainer.balora_config.init is None
+    assert trainer.balora_config.weights_at(0.5) == (0.0, 0.0, 0.0)
+    batch = {k: torch.tensor(v) for k, v in dataset[:4].items()}
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.compute_loss(model, batch), model(**batch).loss, atol=1e-6, rtol=1e-5)
+    model.requires_grad_(True)
+    trainer.train()
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p.detach(), initial[n])]
+    assert unchanged == []
+
+
+def test_full_method_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="no adapter to initialise"):
+        BALoRAConfig(method="full", init="pissa")
+    with pytest.raises(ValueError, match="trains without regularizers"):
+        BALoRAConfig(method="full", consistency_weight=0.1)
+    with pytest.raises(ValueError, match="has no adapter to build"):
+        get_balora_model(tiny_bert(), BALoRAConfig(method="full"))
+    peft_model = get_balora_model(tiny_bert(), BALoRAConfig(method="pissa", r=2))
+    with pytest.raises(TypeError, match="method='full' trains a plain transformers model"):
+        BALoRATrainer(model=peft_model, args=_args(tmp_path), balora_config=BALoRAConfig(method="full"))
+    with pytest.raises(TypeError, match="needs the PeftModel from get_balora_model"):
+        BALoRATrainer(model=tiny_bert(), args=_args(tmp_path), balora_config=BALoRAConfig(method="balora"))

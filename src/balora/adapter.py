@@ -111,6 +111,11 @@ def get_balora_model(model: torch.nn.Module, config: BALoRAConfig) -> PeftModel:
     """
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; pass the plain transformers model to get_balora_model")
+    if config.method == "full":
+        raise ValueError(
+            "method='full' (full fine-tuning) has no adapter to build: train the plain model with BALoRATrainer("
+            "balora_config=BALoRAConfig(method='full')) or transformers' Trainer, or use `balora train`"
+        )
     task = config.task or detect_task(model)
     config = config.resolve(task)
     lora = lora_config_for(model, config)

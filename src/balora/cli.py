@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("config", help="experiment YAML file (see configs/compare/)")
     cmp.add_argument("--methods", default="lora,pissa,balora", help="comma list of lora, pissa, balora, "
                      "balora-nosvd (balora without the SVD term), balora-featsvd (NLU: the SVD term on the pooled "
-                     "features); default lora,pissa,balora")
+                     "features), full (full fine-tuning); default lora,pissa,balora")
+    cmp.add_argument("--full-learning-rate", type=float, help="learning rate of the `full` runs only (full "
+                     "fine-tuning usually needs a 10-100x smaller one); default: the experiment's")
     cmp.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma list of seeds (default 3)")
     cmp.add_argument("--label-noise", default="0", help="comma list of label-noise rates (default 0)")
     cmp.add_argument("--output-dir", help="where runs and comparison.{md,json,png} go (default: the config's)")
@@ -166,6 +168,7 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str], argv: list[str] 
         noises=parse_noise(args.label_noise), output_dir=args.output_dir, overrides=overrides,
         eval_task=args.eval_task, eval_limit=args.eval_limit, eval_max_new_tokens=args.eval_max_new_tokens,
         diagnose_options={"drift_samples": args.drift_samples}, command=" ".join(["balora", *words]),
+        full_learning_rate=args.full_learning_rate,
     )
     print(f"balora: compared {len(result['runs'])} runs; comparison.md, .json and .png in {result['output_dir']}")
     return 0

@@ -38,10 +38,7 @@ METHODS: dict[str, list[str]] = {
     "balora": ["--balora.method", "balora"],
     "balora-nosvd": ["--balora.method", "balora", "--balora.svd_weight", "0.0"],
     "balora-featsvd": ["--balora.method", "balora", "--balora.svd_input", "features"],
-}
-UNSUPPORTED = {
-    "full": "full fine-tuning is not implemented in balora compare: train_experiment always wraps the model in a "
-            "LoRA adapter, and diagnose/load_run read an adapter; compare lora, pissa, balora, balora-nosvd",
+    "full": ["--balora.method", "full", *_NO_REGULARIZERS],
 }
 RUN_INFO = "compare_run.json"
 DIAGNOSTIC_KEYS = ("drift_kl", "perplexity_change", "predicted_class_entropy", "true_label_entropy",
@@ -62,8 +59,6 @@ class RunSpec:
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     for m in methods:
-        if m in UNSUPPORTED:
-            raise ConfigError(f"method {m!r}: {UNSUPPORTED[m]}")
         if m not in METHODS:
             raise ConfigError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     if not methods or len(set(methods)) != len(methods):
@@ -99,8 +94,15 @@ def parse_noise(text: str) -> list[float]:
 
 
 def plan(config: str | Path, methods: Sequence[str], seeds: Sequence[int], noises: Sequence[float],
-         output_dir: Path, overrides: Sequence[str]) -> list[tuple[RunSpec, Experiment, dict[str, Any]]]:
-    """Every run's spec, validated experiment and raw mapping, in the order they run (before anything trains)."""
+         output_dir: Path, overrides: Sequence[str], full_learning_rate: float | None = None,
+         ) -> list[tuple[RunSpec, Experiment, dict[str, Any]]]:
+    """Every run's spec, validated experiment and raw mapping, in the order they run (before anything trains).
+
+    `full_learning_rate`: the learning rate of the `full` runs only (full fine-tuning usually needs one 10-100x
+    smaller than an adapter); None: the experiment's, like every other method.
+    """
+    if full_learning_rate is not None and ("full" not in methods or not full_learning_rate > 0):
+        raise ConfigError(f"--full-learning-rate {full_learning_rate!r}: needs a rate > 0 and `full` in --methods")
     runs = []
     # Seed outermost: an interrupted comparison holds whole seeds of the method × noise grid.
     for seed in seeds:
@@ -109,6 +111,8 @@ def plan(config: str | Path, methods: Sequence[str], seeds: Sequence[int], noise
                 spec = RunSpec(method, noise, seed)
                 per_run = [*METHODS[method], "--training.seed", str(seed), "--data.label_noise", str(noise),
                            "--output_dir", str(output_dir / spec.subdir())]
+                if method == "full" and full_learning_rate is not None:
+                    per_run += ["--training.learning_rate", repr(float(full_learning_rate))]
                 experiment, raw = load_experiment(config, [*overrides, *per_run])
                 if experiment.is_nlg and noise > 0:
                     raise ConfigError("label noise applies to classification only; use --label-noise 0 for NLG")
@@ -229,16 +233,18 @@ def machine() -> str:
 def compare(config: str | Path, *, methods: Sequence[str], seeds: Sequence[int], noises: Sequence[float],
             output_dir: str | Path | None = None, overrides: Sequence[str] = (), eval_task: str | None = None,
             eval_limit: int | None = None, eval_max_new_tokens: int | None = None,
-            diagnose_options: dict[str, Any] | None = None, command: str = "") -> dict[str, Any]:
+            diagnose_options: dict[str, Any] | None = None, command: str = "",
+            full_learning_rate: float | None = None) -> dict[str, Any]:
     """Run (or resume) the whole comparison and write comparison.{json,md,png}; returns comparison.json's content."""
     if output_dir is None:
         output_dir = load_experiment(config, list(overrides))[0].output_dir
     out = Path(output_dir)
-    runs = plan(config, methods, seeds, noises, out, overrides)
+    runs = plan(config, methods, seeds, noises, out, overrides, full_learning_rate)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "command": command, "config": str(config), "overrides": list(overrides), "methods": list(methods),
         "seeds": list(seeds), "label_noise": list(noises), "eval_task": eval_task, "eval_limit": eval_limit,
+        "full_learning_rate": full_learning_rate if "full" in methods else None,
         "output_dir": str(out), "machine": machine(), "runs": [],
     }
     for index, (spec, experiment, raw) in enumerate(runs, start=1):
@@ -283,6 +289,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"- machine: {result['machine']}",
         f"- methods {', '.join(result['methods'])}; seeds {result['seeds']}; label noise {noises}",
         f"- {len(result['runs'])} runs; mean ± sample std over seeds", "",
+        *([f"- `full` (full fine-tuning) trained with learning rate {result['full_learning_rate']:g}; every other "
+           "setting as the other methods", ""] if result.get("full_learning_rate") is not None else []),
         f"## {metric}", "",
         "| method | " + " | ".join(f"noise {p:g}" for p in noises) + " |",
         "|---|" + "---|" * len(noises),

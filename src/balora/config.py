@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Method = Literal["lora", "pissa", "balora"]
+Method = Literal["lora", "pissa", "balora", "full"]
 Task = Literal["nlu", "nlg"]
 InitMethod = Literal["lora", "pissa"]
 ConsistencySchedule = Literal["constant", "cosine"]
@@ -43,7 +43,8 @@ class BALoRAConfig:
     method: Method = field(
         default="balora",
         metadata={
-            "help": "lora: B=0 init, no regularizers; pissa: PiSSA init, no regularizers; balora: PiSSA + 3 terms."
+            "help": "lora: B=0 init, no regularizers; pissa: PiSSA init, no regularizers; balora: PiSSA + 3 terms; "
+            "full: full fine-tuning baseline (every weight trained, no adapter, no regularizers; CLI runs only)."
         },
     )
     task: Task | None = field(
@@ -129,7 +130,10 @@ class BALoRAConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, ("lora", "pissa", "balora"))
+        _check_choice("method", self.method, ("lora", "pissa", "balora", "full"))
+        if self.method == "full" and self.init is not None:
+            raise ValueError("method='full' trains the weights themselves: there is no adapter to initialise; "
+                             "remove init")
         if self.task is not None:
             _check_choice("task", self.task, ("nlu", "nlg"))
         if self.init is not None:
@@ -209,7 +213,7 @@ class BALoRAConfig:
         return dataclasses.replace(
             self,
             task=task,
-            init=pick(self.init, "lora" if self.method == "lora" else "pissa"),
+            init=None if self.method == "full" else pick(self.init, "lora" if self.method == "lora" else "pissa"),
             consistency_weight=pick(self.consistency_weight, l1 if on else 0.0),
             diversity_weight=pick(self.diversity_weight, l2 if on else 0.0),
             svd_weight=pick(self.svd_weight, l3 if on else 0.0),

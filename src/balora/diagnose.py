@@ -10,7 +10,8 @@
 
 The pre-trained model is the run's PeftModel under `disable_adapter()`: the saved adapter is a plain LoRA on the
 original weights (rank 2r for PiSSA runs), so disabling it gives W exactly, and for classification the original head,
-whose random initialisation is reproduced by seeding as `train_experiment` does before loading the base model.
+whose random initialisation is reproduced by seeding as `train_experiment` does before loading the base model. For a
+full fine-tuning run it is the base model loaded (and seeded) beside the fine-tuned one (`evaluate.pretrained_view`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from peft import PeftModel
 from torch import Tensor
 
 from balora.eval.files import write_json_atomic
+from balora.evaluate import pretrained_view
+from balora.teacher import unwrap_model
 
 DIAGNOSTICS_FILE = "diagnostics.json"
 MAX_RANK_ROWS = 512  # rows (examples or tokens) used for the effective ranks; an SVD of (512, V) stays cheap
@@ -126,11 +130,13 @@ def _pool(hidden: Tensor, attention_mask: Tensor, first_token: bool) -> Tensor:
 def classifier_pass(model: torch.nn.Module, dataset: Any, collator: Any, *, batch_size: int = 64,
                     pretrained: bool = False) -> tuple[Tensor, Tensor]:
     """(logits (N, C), final pooled hidden features (N, H)) of a PEFT classification model, in eval mode."""
-    first_token = not hasattr(model.base_model.model, "score")  # `score` heads (decoders) read the last token
+    inner = unwrap_model(model)
+    owner = inner.get_base_model() if isinstance(inner, PeftModel) else inner
+    first_token = not hasattr(owner, "score")  # `score` heads (decoders) read the last token
     logits, features = [], []
     device = _device(model)
-    context = model.disable_adapter() if pretrained else contextlib.nullcontext()
-    with context:
+    context = pretrained_view(model) if pretrained else contextlib.nullcontext(model)
+    with context as model:
         for batch in _batches(dataset.remove_columns(["labels"]), collator, batch_size):
             batch = {k: v.to(device) for k, v in batch.items()}
             out = model(**batch, output_hidden_states=True)
@@ -206,8 +212,8 @@ def nlg_drift(model: Any, dataset: Any, collator: Any, *, batch_size: int = 4) -
         labels = batch.pop("labels")[:, 1:]
         mask = labels != -100  # (B, T-1): positions whose next token is supervised
         out = model(**batch, output_hidden_states=True)
-        with model.disable_adapter():
-            pre = model(**batch).logits[:, :-1][mask].float()  # (M, V)
+        with pretrained_view(model) as reference:
+            pre = reference(**batch).logits[:, :-1][mask].float()  # (M, V)
         ft = out.logits[:, :-1][mask].float()  # (M, V)
         target = labels[mask]
         kl_sum += float(mean_kl(pre, ft)) * ft.shape[0]
@@ -262,8 +268,8 @@ def nlg_diagnostics(experiment: Any, model: Any, tokenizer: Any, *, drift_file: 
                for i, x in zip(rows["instruction"][:generations], rows["input"][:generations], strict=True)]
     seed = int(experiment.training.get("seed", 42))
     texts = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
-    with model.disable_adapter():
-        pre_texts = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
+    with pretrained_view(model) as reference:
+        pre_texts = sample_texts(reference, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
     result.update({
         "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
         "pretrained_distinct_1": distinct_n(pre_texts, 1), "pretrained_distinct_2": distinct_n(pre_texts, 2),

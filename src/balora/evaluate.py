@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from balora.eval.files import write_json_atomic
@@ -18,17 +21,37 @@ def load_run(run_dir: Path) -> tuple[Experiment, Any, Any]:
     """(experiment, model with the run's adapter, tokenizer) of a run directory written by `balora train`."""
     from peft import PeftModel
 
-    config, adapter = run_dir / "config.yaml", run_dir / "adapter"
-    if not config.is_file() or not (adapter / "adapter_config.json").is_file():
+    config, adapter, full = run_dir / "config.yaml", run_dir / "adapter", run_dir / "model"
+    is_full = (full / "config.json").is_file()
+    if not config.is_file() or not ((adapter / "adapter_config.json").is_file() or is_full):
         raise FileNotFoundError(
-            f"{run_dir} is not a finished balora run (needs config.yaml and adapter/adapter_config.json); "
-            "train it with `balora train CONFIG.yaml` first"
+            f"{run_dir} is not a finished balora run (needs config.yaml and adapter/adapter_config.json, or model/ "
+            "for full fine-tuning); train it with `balora train CONFIG.yaml` first"
         )
     experiment = build_experiment(yaml.safe_load(config.read_text()))
     spec = None if experiment.is_nlg else task_spec_for(experiment)
     base, tokenizer = load_model_for(experiment, spec)
+    if is_full:
+        model = type(base).from_pretrained(str(full), dtype=base.dtype).to(base.device)
+        model.__dict__[PRETRAINED_ATTR] = base.eval()  # not a submodule: diagnose reads it as the reference
+        return experiment, model.eval(), tokenizer
     model = PeftModel.from_pretrained(base, str(adapter))
     return experiment, model.eval(), tokenizer
+
+
+PRETRAINED_ATTR = "balora_pretrained"
+
+
+@contextmanager
+def pretrained_view(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Inside the block, the pre-trained model of a loaded run: the PeftModel with its adapter disabled (the saved
+    adapter is a plain LoRA on the original weights), or for a full fine-tuning run the base model loaded beside it."""
+    reference = model.__dict__.get(PRETRAINED_ATTR)
+    if reference is not None:
+        yield reference
+        return
+    with model.disable_adapter():
+        yield model
 
 
 def evaluate_command(args: argparse.Namespace) -> str:
@@ -109,6 +132,9 @@ def export_run(run_dir: Path, to: str, out: Path) -> Path:
         raise FileExistsError(f"{out} exists and is not empty; choose a new output folder")
     if to == "lora":
         adapter = run_dir / "adapter"
+        if (run_dir / "model" / "config.json").is_file():
+            raise ConfigError(f"{run_dir} is a full fine-tuning run: it has no adapter; {run_dir / 'model'} is the "
+                              "whole fine-tuned model")
         if not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter} holds no adapter; is {run_dir} a finished balora run?")
         tmp = out.with_name(out.name + ".tmp")
@@ -120,6 +146,9 @@ def export_run(run_dir: Path, to: str, out: Path) -> Path:
         return out
     if to != "merged":
         raise ConfigError(f"--to must be lora or merged; got {to!r}")
+    if (run_dir / "model" / "config.json").is_file():
+        raise ConfigError(f"{run_dir} is a full fine-tuning run: {run_dir / 'model'} already is the whole model; "
+                          "copy that folder (there is no adapter to merge)")
     _, model, tokenizer = load_run(run_dir)
     merged = model.merge_and_unload()
     tmp = out.with_name(out.name + ".tmp")

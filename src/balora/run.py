@@ -4,6 +4,7 @@ Run directory (the experiment's `output_dir`):
     config.yaml          the resolved experiment (every default filled in)
     adapter/             the trained adapter as a plain LoRA on the original base model (PEFT format, rank 2r for
                          PiSSA-initialised runs) + balora_config.json + tokenizer
+    model/               instead of adapter/ for method "full": the whole fine-tuned model + tokenizer
     metrics.json         validation metrics, training time, data statistics
     log_history.json     the Trainer's log history (each loss term and λ per logging step)
     train_loss.png       task loss and each regularizer against the step
@@ -168,12 +169,18 @@ def train_experiment(exp: Experiment, *, resume: bool = False) -> dict[str, Any]
     spec = None if exp.is_nlg else task_spec_for(exp)
     model, tokenizer = load_model_for(exp, spec)
     prepared = prepare_data(exp, tokenizer, run_dir, args.seed)
-    peft_model = get_balora_model(model, exp.balora)
+    if exp.balora.method == "full":  # every weight trains, no adapter; the BA-LoRA terms are off (config checks)
+        config = exp.balora.resolve("nlg" if exp.is_nlg else "nlu")
+        peft_model = model.requires_grad_(True)
+    else:
+        peft_model = get_balora_model(model, exp.balora)
+        config = peft_model.balora_config
     resolved = exp.to_dict()
-    resolved["balora"] = peft_model.balora_config.to_dict()
+    resolved["balora"] = config.to_dict()
     _write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     trainer = BALoRATrainer(
         model=peft_model,
+        balora_config=config,
         args=args,
         train_dataset=prepared["train"],
         eval_dataset=prepared["eval"] or None,
@@ -187,8 +194,12 @@ def train_experiment(exp: Experiment, *, resume: bool = False) -> dict[str, Any]
     metrics = evaluate_splits(trainer, prepared["eval"])
     metrics["train_seconds"] = round(train_seconds, 2)
     final_terms = last_terms(trainer.state.log_history)
-    save_adapter(peft_model, run_dir / "adapter")
-    tokenizer.save_pretrained(str(run_dir / "adapter"))
+    saved = run_dir / ("model" if config.method == "full" else "adapter")
+    if config.method == "full":
+        _save_full_model(trainer, saved)
+    else:
+        save_adapter(peft_model, saved)
+    tokenizer.save_pretrained(str(saved))
     write_json_atomic(
         run_dir / "metrics.json", {"metrics": metrics, "final_terms": final_terms, "data": prepared["stats"]}
     )
@@ -196,12 +207,24 @@ def train_experiment(exp: Experiment, *, resume: bool = False) -> dict[str, Any]
     from balora.plots import plot_training_curves
 
     plot_training_curves(
-        {peft_model.balora_config.method: trainer.state.log_history},
+        {config.method: trainer.state.log_history},
         run_dir / "train_loss.png",
         title=f"{exp.model.name} · {exp.data.task}",
     )
-    _write_text(run_dir / "README.md", model_card(exp, peft_model.balora_config, metrics, prepared["stats"]))
+    _write_text(run_dir / "README.md", model_card(exp, config, metrics, prepared["stats"]))
     return {"metrics": metrics, "final_terms": final_terms, "run_dir": str(run_dir)}
+
+
+def _save_full_model(trainer: BALoRATrainer, folder: Path) -> None:
+    """The fully fine-tuned model, written to a temp folder renamed into place (never half-written)."""
+    import shutil
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))  # the Trainer's own save: unwraps DDP/FSDP/DeepSpeed, gathers shards
+    if trainer.args.should_save:
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
 
 
 def last_terms(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -214,15 +237,24 @@ def last_terms(history: list[dict[str, Any]]) -> dict[str, float]:
     return terms
 
 
+def _weights_note(config: Any) -> str:
+    if config.method == "full":
+        return ("Full fine-tuning: every weight was trained and `model/` holds the whole model "
+                "(`AutoModel*.from_pretrained(\"model\")`); the adapter settings above do not apply.")
+    return (f"The adapter in `adapter/` is a plain LoRA that applies to the original base model (for a PiSSA init its "
+            f"rank is 2r = {2 * config.r if config.init == 'pissa' else config.r}: ΔW = B·A − B0·A0). Load it with "
+            "`PeftModel.from_pretrained(base_model, \"adapter\")`.")
+
+
 def model_card(exp: Experiment, config: Any, metrics: dict[str, Any], stats: dict[str, Any]) -> str:
     weights = f"λ1={config.consistency_weight}, λ2={config.diversity_weight}, λ3={config.svd_weight}"
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     return f"""---
-library_name: peft
+library_name: {"transformers" if config.method == "full" else "peft"}
 base_model: {exp.model.name}
 tags: [balora, ba-lora, lora, pissa]
 ---
-# {config.method} adapter for `{exp.model.name}` on {exp.data.task}
+# {config.method} {"fine-tune" if config.method == "full" else "adapter"} of `{exp.model.name}` on {exp.data.task}
 
 Trained with [balora](https://arxiv.org/abs/2408.04556) (BA-LoRA: PiSSA init + consistency, diversity and SVD
 regularizers).
@@ -234,9 +266,7 @@ regularizers).
 - Data: {exp.data.task}, train file `{exp.data.train_file or "bundled/hub"}`, label noise {exp.data.label_noise}
 - Data statistics: `{json.dumps(stats)}`
 
-The adapter in `adapter/` is a plain LoRA that applies to the original base model (for a PiSSA init its rank is
-2r = {2 * config.r if config.init == "pissa" else config.r}: ΔW = B·A − B0·A0). Load it with
-`PeftModel.from_pretrained(base_model, "adapter")`.
+{_weights_note(config)}
 
 ## Validation metrics
 | metric | value |

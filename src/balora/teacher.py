@@ -17,8 +17,9 @@ from peft import PeftModel
 from balora.adapter import TEACHER
 
 
-def unwrap_peft_model(model: torch.nn.Module) -> PeftModel:
-    """The PeftModel inside `model` (which may be wrapped by DDP, accelerate or torch.compile)."""
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The PeftModel inside `model` (which may be wrapped by DDP, accelerate or torch.compile), else the innermost
+    model (a plain transformers model: full fine-tuning)."""
     seen = model
     for _ in range(8):
         if isinstance(seen, PeftModel):
@@ -27,6 +28,14 @@ def unwrap_peft_model(model: torch.nn.Module) -> PeftModel:
         if inner is None:
             break
         seen = inner
+    return seen
+
+
+def unwrap_peft_model(model: torch.nn.Module) -> PeftModel:
+    """The PeftModel inside `model` (which may be wrapped by DDP, accelerate or torch.compile)."""
+    seen = unwrap_model(model)
+    if isinstance(seen, PeftModel):
+        return seen
     raise TypeError(f"expected a balora/PEFT model (from get_balora_model); got {type(model).__name__}")
 
 

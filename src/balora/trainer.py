@@ -26,14 +26,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from torch import Tensor
 from transformers import Trainer
 
 from balora import losses
+from balora.adapter import detect_task
 from balora.config import BALoRAConfig
 from balora.fused import nlg_fused_loss
 from balora.spectral import hidden_svd_loss
-from balora.teacher import pretrained_teacher, unwrap_peft_model
+from balora.teacher import pretrained_teacher, unwrap_model
 
 
 class BALoRATrainer(Trainer):
@@ -43,10 +45,17 @@ class BALoRATrainer(Trainer):
 
     def __init__(self, *args: Any, balora_config: BALoRAConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        peft_model = unwrap_peft_model(self.model)
+        peft_model = unwrap_model(self.model)
         config = balora_config or getattr(peft_model, "balora_config", None)
         if config is None:
             raise ValueError("no BALoRAConfig: build the model with get_balora_model or pass balora_config=")
+        if (config.method == "full") == isinstance(peft_model, PeftModel):
+            raise TypeError(
+                "method='full' trains a plain transformers model (no adapter); every other method needs the "
+                f"PeftModel from get_balora_model; got method={config.method!r} and a {type(peft_model).__name__}"
+            )
+        if config.method == "full" and config.task is None:
+            config = config.resolve(detect_task(peft_model))
         if config.task is None:
             raise ValueError("balora_config.task is not set: call config.resolve(task) or use get_balora_model")
         self.balora_config = config
@@ -246,7 +255,7 @@ class BALoRATrainer(Trainer):
             total = F.cross_entropy(shift_logits, shift_labels, ignore_index=losses.IGNORE_INDEX, reduction="sum")
             return total, int((shift_labels != losses.IGNORE_INDEX).sum())
         num_labels = logits.shape[-1]
-        problem_type = getattr(unwrap_peft_model(self.model).config, "problem_type", None)
+        problem_type = getattr(unwrap_model(self.model).config, "problem_type", None)
         if num_labels == 1 or problem_type == "regression":
             total = F.mse_loss(logits.float().squeeze(-1), labels.float().view(-1), reduction="sum")
             return total, labels.numel()
@@ -363,4 +372,4 @@ def resolve_svd_method(config: BALoRAConfig, peft_model: torch.nn.Module) -> str
 
 def _frozen_bias_free_head(model: torch.nn.Module) -> torch.nn.Module:
     """The output head (checked by `resolve_svd_method` when the trainer was built)."""
-    return unwrap_peft_model(model).get_output_embeddings()
+    return unwrap_model(model).get_output_embeddings()
