@@ -238,3 +238,40 @@ def test_full_fine_tuning_runs_trains_every_weight_and_diagnoses_against_the_bas
         export_run(run_dir, "lora", tiny_setup / "export_lora")
     with pytest.raises(ConfigError, match="full fine-tuning run"):
         export_run(run_dir, "merged", tiny_setup / "export_merged")
+
+
+def test_nlg_comparison_scores_the_benchmark_and_diagnoses_full_and_adapter_runs(tmp_path: Path) -> None:
+    """NLG: lr 0 for the adapter run (no drift), a real rate for `full` (drift), GSM8K scored for both."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "eval"))
+    from tiny_lm import tiny_causal_lm, tiny_tokenizer
+
+    from test_diagnose import _write_nlg_config
+
+    tokenizer = tiny_tokenizer()
+    tiny_causal_lm(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = [{"instruction": "the cat sat on a mat", "input": "", "output": f"the dog ran far {i} and {i + 1}"}
+            for i in range(8)]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    config = _write_nlg_config(tmp_path)
+    with pytest.raises(ConfigError, match="label noise applies to classification only"):
+        compare_module.plan(config, ["pissa"], [0], [0.2], tmp_path / "x", [])
+    result = compare_module.compare(
+        config, methods=["pissa", "full"], seeds=[0], noises=[0.0], output_dir=tmp_path / "cmp",
+        eval_task="gsm8k", eval_limit=2, eval_max_new_tokens=4, full_learning_rate=0.05,
+        diagnose_options={"drift_file": tmp_path / "train.json", "drift_samples": 4, "generations": 2,
+                          "max_new_tokens": 4},
+    )
+    pissa, full = result["runs"]
+    for run in (pissa, full):
+        assert run["generation"]["n_problems"] == 2 and 0.0 <= run["generation"]["accuracy"] <= 1.0
+        assert (Path(run["run_dir"]) / "eval-gsm8k" / "summary.json").is_file()
+    assert pissa["diagnostics"]["drift_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert full["diagnostics"]["drift_kl"] > 1e-4 and full["diagnostics"]["perplexity_change"] != 0.0
+    assert (Path(full["run_dir"]) / "model" / "config.json").is_file()
+    rows_by_method = {row["method"]: row for row in result["summary"]}
+    assert rows_by_method["full"]["eval_seconds"]["mean"] == pytest.approx(full["generation"]["total_s"])
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "## gsm8k_accuracy" in table and "benchmark eval (s)" in table and "Δ perplexity" in table

@@ -215,7 +215,8 @@ def summarise(runs: Sequence[dict[str, Any]], eval_task: str | None) -> list[dic
         metric = main_metric(group[0], eval_task)[0]
         row = {"method": method, "noise": noise, "metric": metric, "seeds": [r["seed"] for r in group],
                metric: _mean_std([main_metric(r, eval_task)[1] for r in group]),
-               "wall_seconds": _mean_std([r["wall_seconds"] for r in group])}
+               "wall_seconds": _mean_std([r["wall_seconds"] for r in group]),
+               "eval_seconds": _mean_std([r.get("generation", {}).get("total_s") for r in group])}
         for key in DIAGNOSTIC_KEYS:
             row[key] = _mean_std([r["diagnostics"].get(key) for r in group])
         rows.append(row)
@@ -267,6 +268,7 @@ _DIAGNOSTIC_COLUMNS = (
     ("logits_effective_rank", "erank logits"), ("features_effective_rank", "erank features"),
     ("memorisation", "memorised (flipped)"), ("clean_fit", "fitted (clean)"),
     ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("wall_seconds", "wall (s)"),
+    ("eval_seconds", "benchmark eval (s)"),
 )
 
 
@@ -307,7 +309,7 @@ def markdown(result: dict[str, Any]) -> str:
         for p in noises:
             row = by_key.get((method, p))
             if row is not None:
-                cells = [_cell(row.get(k), 1 if k == "wall_seconds" else 3) for k, _ in present]
+                cells = [_cell(row.get(k), 1 if k.endswith("_seconds") else 3) for k, _ in present]
                 lines.append(f"| {method} | {p:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
