@@ -234,6 +234,10 @@ def test_full_fine_tuning_runs_trains_every_weight_and_diagnoses_against_the_bas
     table = (out / "comparison.md").read_text()
     assert "| full |" in table and "learning rate 0.001" in table
 
+    assert main(["eval", "--run", str(run_dir)]) == 0  # the saved model reproduces the run's validation accuracy
+    evaluated = json.loads((run_dir / "eval-validation" / "metrics.json").read_text())
+    assert evaluated["eval_accuracy"] == pytest.approx(full_run["metrics"]["eval_accuracy"])
+
     with pytest.raises(ConfigError, match="full fine-tuning run"):
         export_run(run_dir, "lora", tiny_setup / "export_lora")
     with pytest.raises(ConfigError, match="full fine-tuning run"):
