@@ -33,10 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from balora.losses import IGNORE_INDEX
-from balora.spectral import (
+from balora.rowblocks import (
     Segments,
-    SVDMethod,
-    TopSingular,
     blocks_of,
     default_chunk_rows,
     empty_grad_like,
@@ -44,10 +42,9 @@ from balora.spectral import (
     map_blocks,
     row_segments,
     scratch,
-    svd_grad_rows,
-    top_singular,
     valid_rows,
 )
+from balora.spectral import SVDMethod, TopSingular, svd_grad_rows, top_singular
 
 __all__ = ["nlg_fused_loss"]
 
