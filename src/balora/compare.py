@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from balora.diagnose import DIAGNOSTICS_FILE, diagnose_run
-from balora.eval.files import write_json_atomic
+from balora.eval.files import write_json_atomic, write_text_atomic
 from balora.experiment import ConfigError, Experiment, load_experiment
 from balora.plots import _pyplot, _save
 from balora.run import train_experiment
@@ -339,7 +339,5 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
 
 def write_report(result: dict[str, Any], out: Path) -> None:
-    tmp = out / "comparison.md.tmp"
-    tmp.write_text(markdown(result))
-    tmp.replace(out / "comparison.md")
+    write_text_atomic(out / "comparison.md", markdown(result))
     plot(result, out / "comparison.png")

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from balora.eval.files import write_json_atomic
+
 Method = Literal["lora", "pissa", "balora", "full"]
 Task = Literal["nlu", "nlg"]
 InitMethod = Literal["lora", "pissa"]
@@ -254,11 +256,7 @@ class BALoRAConfig:
     def save(self, directory: str | Path, **extra: Any) -> Path:
         """Write `balora_config.json`; `extra` keys are stored with a leading underscore and ignored by `load`."""
         path = Path(directory) / CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        values = {**self.to_dict(), **{f"_{k}": v for k, v in extra.items()}}
-        tmp.write_text(json.dumps(values, indent=2) + "\n")
-        tmp.replace(path)
+        write_json_atomic(path, {**self.to_dict(), **{f"_{k}": v for k, v in extra.items()}})
         return path
 
     @classmethod

@@ -24,17 +24,11 @@ from typing import Any
 import yaml
 
 from balora.adapter import get_balora_model, save_adapter
-from balora.eval.files import write_json_atomic
+from balora.eval.files import write_json_atomic, write_text_atomic
 from balora.experiment import ConfigError, Experiment
 from balora.trainer import BALoRATrainer
 
 logger = logging.getLogger(__name__)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def task_spec_for(exp: Experiment) -> Any:
@@ -177,7 +171,7 @@ def train_experiment(exp: Experiment, *, resume: bool = False) -> dict[str, Any]
         config = peft_model.balora_config
     resolved = exp.to_dict()
     resolved["balora"] = config.to_dict()
-    _write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     trainer = BALoRATrainer(
         model=peft_model,
         balora_config=config,
@@ -211,7 +205,7 @@ def train_experiment(exp: Experiment, *, resume: bool = False) -> dict[str, Any]
         run_dir / "train_loss.png",
         title=f"{exp.model.name} · {exp.data.task}",
     )
-    _write_text(run_dir / "README.md", model_card(exp, config, metrics, prepared["stats"]))
+    write_text_atomic(run_dir / "README.md", model_card(exp, config, metrics, prepared["stats"]))
     return {"metrics": metrics, "final_terms": final_terms, "run_dir": str(run_dir)}
 
 

@@ -7,15 +7,14 @@ class (symmetric label noise); the flipped rows are recorded so that an analysis
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from datasets import Dataset
+
+from balora.eval.files import write_json_atomic
 
 
 def apply_label_noise(
@@ -58,15 +57,5 @@ def apply_label_noise(
 def save_flipped(path: str | Path, indices: Sequence[int], *, meta: Mapping[str, Any] | None = None) -> Path:
     """Write `{"count": k, "flipped_indices": [...], **meta}` as JSON, atomically (temp file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {**(meta or {}), "count": len(indices), "flipped_indices": [int(i) for i in indices]}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, {**(meta or {}), "count": len(indices), "flipped_indices": [int(i) for i in indices]})
     return path
