@@ -23,7 +23,7 @@ GENERATION_TASKS = ("gsm8k", "math", "mbpp", "humaneval", "perplexity")
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
-    from balora.data.glue import DataError
+    from balora.data.records import DataError
     from balora.experiment import ConfigError
     from balora.models import ModelLoadError
 

@@ -303,7 +303,7 @@ def diagnose_run(run_dir: str | Path, *, drift_file: str | Path | None = None, d
         raise FileNotFoundError(f"{run_dir} has no metrics.json: the run did not finish; train it first")
     experiment, model, tokenizer = load_run_seeded(run_dir)
     if experiment.is_nlg:
-        from balora.data.glue import default_data_dir
+        from balora.data.records import default_data_dir
 
         if drift_file is None:
             data_dir = default_data_dir()

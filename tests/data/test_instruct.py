@@ -13,7 +13,6 @@ from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from balora.data.glue import DataError, default_data_dir
 from balora.data.instruct import (
     IGNORE_INDEX,
     CausalLMCollator,
@@ -22,6 +21,7 @@ from balora.data.instruct import (
     load_instruct,
     tokenize_instruct,
 )
+from balora.data.records import DataError, default_data_dir
 from balora.data.templates import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, render_prompt, response_prefix
 
 ROWS = [

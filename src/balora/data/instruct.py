@@ -22,7 +22,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from balora.data.glue import DataError, collect_rows, iter_records, subsample
+from balora.data.records import DataError, collect_rows, iter_records, subsample
 from balora.data.templates import TemplateName, render_prompt, response_prefix
 
 logger = logging.getLogger(__name__)
