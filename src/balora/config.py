@@ -46,7 +46,8 @@ class BALoRAConfig:
         default="balora",
         metadata={
             "help": "lora: B=0 init, no regularizers; pissa: PiSSA init, no regularizers; balora: PiSSA + 3 terms; "
-            "full: full fine-tuning baseline (every weight trained, no adapter, no regularizers; CLI runs only)."
+            "full: full fine-tuning baseline (no adapter: every weight trains, no regularizers; give "
+            "BALoRATrainer the plain model)."
         },
     )
     task: Task | None = field(
