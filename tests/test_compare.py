@@ -249,17 +249,9 @@ def test_nlg_comparison_scores_the_benchmark_and_diagnoses_full_and_adapter_runs
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent / "eval"))
-    from tiny_lm import tiny_causal_lm, tiny_tokenizer
+    from tiny_lm import tiny_instruct_setup
 
-    from test_diagnose import _write_nlg_config
-
-    tokenizer = tiny_tokenizer()
-    tiny_causal_lm(len(tokenizer)).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    rows = [{"instruction": "the cat sat on a mat", "input": "", "output": f"the dog ran far {i} and {i + 1}"}
-            for i in range(8)]
-    (tmp_path / "train.json").write_text(json.dumps(rows))
-    config = _write_nlg_config(tmp_path)
+    config = tiny_instruct_setup(tmp_path)
     with pytest.raises(ConfigError, match="label noise applies to classification only"):
         compare_module.plan(config, ["pissa"], [0], [0.2], tmp_path / "x", [])
     result = compare_module.compare(

@@ -150,16 +150,11 @@ def test_nlg_diagnostics_on_a_tiny_causal_lm(tmp_path: Path) -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent / "eval"))
-    from tiny_lm import tiny_causal_lm, tiny_tokenizer
+    from tiny_lm import tiny_instruct_setup
 
-    tokenizer = tiny_tokenizer()
-    tiny_causal_lm(len(tokenizer)).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    rows = [{"instruction": "the cat sat on a mat", "input": "", "output": f"the dog ran far {i} and {i + 1}"}
-            for i in range(8)]
-    (tmp_path / "train.json").write_text(json.dumps(rows))
+    config = tiny_instruct_setup(tmp_path)
     out = tmp_path / "run"
-    experiment, _ = load_experiment(_write_nlg_config(tmp_path), ["--output_dir", str(out)])
+    experiment, _ = load_experiment(config, ["--output_dir", str(out)])
     train_experiment(experiment)
     result = diagnose_run(out, drift_file=tmp_path / "train.json", drift_samples=4, generations=2, max_new_tokens=6)
     assert result["task"] == "nlg" and result["examples"] == 4 and result["tokens"] > 0
@@ -169,16 +164,3 @@ def test_nlg_diagnostics_on_a_tiny_causal_lm(tmp_path: Path) -> None:
     assert result["distinct_1"] == result["pretrained_distinct_1"]  # same model, same seed, same samples
     assert result["memorisation"] is None
 
-
-def _write_nlg_config(root: Path) -> Path:
-    config = {
-        "model": {"name": str(root / "model"), "dtype": "float32", "device": "cpu"},
-        "data": {"task": "instruct", "train_file": str(root / "train.json"), "max_length": 32},
-        "balora": {"method": "balora", "r": 2, "target_modules": ["q_proj", "v_proj"]},
-        "training": {"max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 0.0, "logging_steps": 1,
-                     "save_strategy": "no", "seed": 0, "report_to": [], "disable_tqdm": True},
-        "output_dir": str(root / "run"),
-    }
-    path = root / "nlg.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
