@@ -165,15 +165,15 @@ def train_experiment(exp: Experiment, *, resume: bool = False) -> dict[str, Any]
     prepared = prepare_data(exp, tokenizer, run_dir, args.seed)
     if exp.balora.method == "full":  # every weight trains, no adapter; the BA-LoRA terms are off (config checks)
         config = exp.balora.resolve("nlg" if exp.is_nlg else "nlu")
-        peft_model = model.requires_grad_(True)
+        trained = model  # loaded models are trainable throughout (a test checks every weight changes)
     else:
-        peft_model = get_balora_model(model, exp.balora)
-        config = peft_model.balora_config
+        trained = get_balora_model(model, exp.balora)
+        config = trained.balora_config
     resolved = exp.to_dict()
     resolved["balora"] = config.to_dict()
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     trainer = BALoRATrainer(
-        model=peft_model,
+        model=trained,
         balora_config=config,
         args=args,
         train_dataset=prepared["train"],
@@ -192,7 +192,7 @@ def train_experiment(exp: Experiment, *, resume: bool = False) -> dict[str, Any]
     if config.method == "full":
         _save_full_model(trainer, saved)
     else:
-        save_adapter(peft_model, saved)
+        save_adapter(trained, saved)
     tokenizer.save_pretrained(str(saved))
     write_json_atomic(
         run_dir / "metrics.json", {"metrics": metrics, "final_terms": final_terms, "data": prepared["stats"]}
