@@ -222,7 +222,10 @@ def test_full_fine_tuning_runs_trains_every_weight_and_diagnoses_against_the_bas
     untrained = [name for name in base_weights if torch.equal(base_weights[name], tuned_weights[name])]
     assert untrained == [], f"full fine-tuning left {untrained} unchanged"
 
-    _, model, _ = load_run_seeded(run_dir)
+    _, plain, _ = load_run_seeded(run_dir)  # evaluation needs no base model beside it: none is loaded
+    with pytest.raises(ValueError, match="reference=True"), pretrained_view(plain):
+        pass
+    _, model, _ = load_run_seeded(run_dir, reference=True)
     with pretrained_view(model) as reference:
         assert reference is not model
         for name, value in reference.state_dict().items():

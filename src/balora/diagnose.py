@@ -282,7 +282,7 @@ def nlg_diagnostics(experiment: Any, model: Any, tokenizer: Any, *, drift_file: 
 # ------------------------------------------------------------------------------------------------ entry point
 
 
-def load_run_seeded(run_dir: Path) -> tuple[Any, Any, Any]:
+def load_run_seeded(run_dir: Path, *, reference: bool = False) -> tuple[Any, Any, Any]:
     """`load_run` after seeding as `train_experiment` does, so a fresh classification head is the run's initial one."""
     from transformers import set_seed
 
@@ -292,7 +292,7 @@ def load_run_seeded(run_dir: Path) -> tuple[Any, Any, Any]:
     if not config.is_file():
         raise FileNotFoundError(f"{config} is missing; is {run_dir} a run directory written by `balora train`?")
     set_seed(int((yaml.safe_load(config.read_text()).get("training") or {}).get("seed", 42)))
-    return load_run(run_dir)
+    return load_run(run_dir, reference=reference)
 
 
 def diagnose_run(run_dir: str | Path, *, drift_file: str | Path | None = None, drift_samples: int = 64,
@@ -301,7 +301,7 @@ def diagnose_run(run_dir: str | Path, *, drift_file: str | Path | None = None, d
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.json").is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.json: the run did not finish; train it first")
-    experiment, model, tokenizer = load_run_seeded(run_dir)
+    experiment, model, tokenizer = load_run_seeded(run_dir, reference=True)
     if experiment.is_nlg:
         from balora.data.records import default_data_dir
 

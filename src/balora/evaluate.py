@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,8 +18,12 @@ from balora.experiment import ConfigError, Experiment, build_experiment, load_ex
 from balora.run import evaluate_splits, load_model_for, prepare_data, task_spec_for
 
 
-def load_run(run_dir: Path) -> tuple[Experiment, Any, Any]:
-    """(experiment, model with the run's adapter, tokenizer) of a run directory written by `balora train`."""
+def load_run(run_dir: Path, *, reference: bool = False) -> tuple[Experiment, Any, Any]:
+    """(experiment, model with the run's adapter, tokenizer) of a run directory written by `balora train`.
+
+    A full fine-tuning run gives its whole model from `model/`; with `reference=True` the base model is loaded too
+    and attached for `pretrained_view` (an adapter run needs nothing extra: its adapter can be disabled).
+    """
     from peft import PeftModel
 
     config, adapter, full = run_dir / "config.yaml", run_dir / "adapter", run_dir / "model"
@@ -30,11 +35,14 @@ def load_run(run_dir: Path) -> tuple[Experiment, Any, Any]:
         )
     experiment = build_experiment(yaml.safe_load(config.read_text()))
     spec = None if experiment.is_nlg else task_spec_for(experiment)
-    base, tokenizer = load_model_for(experiment, spec)
     if is_full:
-        model = type(base).from_pretrained(str(full), dtype=base.dtype).to(base.device)
-        model.__dict__[PRETRAINED_ATTR] = base.eval()  # not a submodule: diagnose reads it as the reference
+        base = load_model_for(experiment, spec)[0] if reference else None  # first: the seeded head is the run's
+        tuned = dataclasses.replace(experiment, model=dataclasses.replace(experiment.model, name=str(full)))
+        model, tokenizer = load_model_for(tuned, spec)
+        if base is not None:
+            model.__dict__[PRETRAINED_ATTR] = base.eval()  # not a submodule: diagnose reads it as the reference
         return experiment, model.eval(), tokenizer
+    base, tokenizer = load_model_for(experiment, spec)
     model = PeftModel.from_pretrained(base, str(adapter))
     return experiment, model.eval(), tokenizer
 
@@ -50,6 +58,9 @@ def pretrained_view(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     if reference is not None:
         yield reference
         return
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("this full fine-tuning run was loaded without its base model: use load_run(..., "
+                         "reference=True)")
     with model.disable_adapter():
         yield model
 
