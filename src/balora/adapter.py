@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -20,10 +19,10 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
-from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from balora.config import BALoRAConfig, Task
+from balora.heads import find_head
 from balora.pissa import apply_pissa
 
 ADAPTER = "default"
@@ -47,21 +46,25 @@ def lora_config_for(model: torch.nn.Module, config: BALoRAConfig) -> LoraConfig:
     """The PEFT LoraConfig of the trainable adapter (initialised by PEFT as plain LoRA; PiSSA is applied after)."""
     task_type = TaskType.SEQ_CLS if config.task == "nlu" else TaskType.CAUSAL_LM
     targets = config.target_modules
+    heads = find_head(model) if config.task == "nlu" else []
+    extra = [m for m in config.modules_to_save or [] if m not in heads]
     lora = LoraConfig(
         r=config.r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.dropout,
         target_modules=list(targets) if isinstance(targets, list) else targets,
-        modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
+        modules_to_save=(heads + extra) or None,
         task_type=task_type,
         init_lora_weights=True,
     )
     lora = _maybe_include_all_linear_layers(lora, model)
-    if config.task == "nlu" and isinstance(lora.target_modules, set):
-        # 'all-linear' keeps the Linear layers *inside* a head such as RoBERTa's classifier.dense/out_proj; the head
-        # is trained in full (modules_to_save), so it gets no adapter.
-        heads = _head_names(lora)
-        lora.target_modules = {n for n in lora.target_modules if not any(f".{h}." in f".{n}." for h in heads)}
+    if heads:
+        # The head (and any module created fresh at load) is trained in full (modules_to_save), so no Linear layer
+        # inside it gets an adapter, whether the targets are 'all-linear' or names such as 'dense'.
+        inside = sorted(n for n, _ in model.named_modules() if any(n == h or n.startswith(h + ".") for h in heads))
+        if isinstance(lora.target_modules, set):
+            lora.target_modules = {n for n in lora.target_modules if n not in inside}
+        lora.exclude_modules = inside
     if any(isinstance(m, Conv1D) for _, m in _matched_modules(model, lora)):
         lora.fan_in_fan_out = True
     return lora
@@ -118,13 +121,13 @@ def get_balora_model(model: torch.nn.Module, config: BALoRAConfig) -> PeftModel:
         )
     task = config.task or detect_task(model)
     config = config.resolve(task)
+    heads = find_head(model) if task == "nlu" else []
+    if heads:
+        from balora.nlu import check_consistency_target
+
+        check_consistency_target(config, model)
     lora = lora_config_for(model, config)
     validate_targets(model, lora)
-    if task == "nlu" and isinstance(model, PreTrainedModel) and not _has_head(model, lora):
-        raise ValueError(
-            f"no classification head named {_head_names(lora)} found in this {type(model).__name__}; add the head's "
-            "module name to modules_to_save"
-        )
 
     peft_model = get_peft_model(model, lora)
     if config.init == "pissa":
@@ -135,17 +138,9 @@ def get_balora_model(model: torch.nn.Module, config: BALoRAConfig) -> PeftModel:
             )
     _add_teacher_adapter(peft_model, lora)
     peft_model.balora_config = config
+    if heads:
+        peft_model.balora_head = heads
     return peft_model
-
-
-def _head_names(lora: LoraConfig) -> list[str]:
-    # PEFT's PeftModelForSequenceClassification adds "classifier" and "score" to modules_to_save itself.
-    return list(lora.modules_to_save or []) + ["classifier", "score"]
-
-
-def _has_head(model: torch.nn.Module, lora: LoraConfig) -> bool:
-    names = _head_names(lora)
-    return any(re.search(rf"(^|\.){re.escape(n)}$", name) for name, _ in model.named_modules() for n in names)
 
 
 @torch.no_grad()

@@ -28,13 +28,22 @@ RegularizerSchedule = Literal["constant", "two_phase"]
 SvdMethod = Literal["auto", "randomized", "exact", "hidden"]
 LossImpl = Literal["fused", "reference"]
 SvdInput = Literal["logits", "features"]
+Preset = Literal["default", "paper"]
+ConsistencyTarget = Literal["initial_head", "current_head", "features"]
 
 CONFIG_NAME = "balora_config.json"
 
-# (λ1, λ2, λ3, svd_top_k, consistency schedule, regularizer schedule)
+# (λ1, λ2, λ3, svd_top_k, consistency schedule, regularizer schedule): the paper's values.
 PRESETS: dict[Task, tuple[float, float, float, int, ConsistencySchedule, RegularizerSchedule]] = {
     "nlu": (0.15, 0.03, 0.03, 5, "constant", "constant"),
     "nlg": (0.025, 0.005, 0.005, 10, "cosine", "two_phase"),
+}
+# NLU (consistency_target, svd_input) of each preset. "paper": the paper's literal reading (KL to the pre-trained
+# model's logits through the initial head; SVD of the batch logits). "default": chosen by measurement
+# (benchmarks/results/nlu_defaults.md).
+NLU_PRESETS: dict[Preset, tuple[ConsistencyTarget, SvdInput]] = {
+    "paper": ("initial_head", "logits"),
+    "default": ("current_head", "features"),
 }
 
 
@@ -42,6 +51,14 @@ PRESETS: dict[Task, tuple[float, float, float, int, ConsistencySchedule, Regular
 class BALoRAConfig:
     """Settings of a BA-LoRA (or LoRA / PiSSA baseline) fine-tune. Every field has help text in its metadata."""
 
+    preset: Preset = field(
+        default="default",
+        metadata={
+            "help": "Where fields left unset come from: default (balora's NLU choices, measured: "
+            "benchmarks/results/nlu_defaults.md) or paper (the paper's literal reading: NLU consistency to the "
+            "initial head's logits, SVD on the logits). NLG is the same in both (the paper's public script)."
+        },
+    )
     method: Method = field(
         default="balora",
         metadata={
@@ -98,11 +115,21 @@ class BALoRAConfig:
             "states; needs a frozen bias-free head), or auto (hidden where the head allows it, else randomized)."
         },
     )
-    svd_input: SvdInput = field(
-        default="logits",
+    svd_input: SvdInput | None = field(
+        default=None,
         metadata={
             "help": "NLU SVD term on: logits (paper) or features (the batch's inputs to the classifier's last "
-            "Linear, i.e. the pooled features; k = svd_top_k then means something on a 2-class task)."
+            "Linear, i.e. the pooled features; k = svd_top_k then means something on a 2-class task). "
+            "None: from the preset."
+        },
+    )
+    consistency_target: ConsistencyTarget | None = field(
+        default=None,
+        metadata={
+            "help": "NLU consistency term against: initial_head (the pre-trained model's logits, paper), "
+            "current_head (the current head on the pre-trained features, detached) or features (1 - cosine of "
+            "the pooled features to the pre-trained ones). None: from the preset. Regression refuses "
+            "initial_head (it pulls every prediction toward the initial head's output)."
         },
     )
     loss_impl: LossImpl = field(
@@ -124,6 +151,13 @@ class BALoRAConfig:
         default=0.05, metadata={"help": "two_phase: fraction of steps of the linear ramp."}
     )
 
+    head_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "NLU: learning rate of the fully trained classification head (a fresh layer usually wants a "
+            "larger one than the adapters); None: training.learning_rate."
+        },
+    )
     teacher_cache: bool = field(
         default=False,
         metadata={
@@ -143,7 +177,16 @@ class BALoRAConfig:
             _check_choice("init", self.init, ("lora", "pissa"))
         _check_choice("svd_method", self.svd_method, ("auto", "randomized", "exact", "hidden"))
         _check_choice("loss_impl", self.loss_impl, ("fused", "reference"))
-        _check_choice("svd_input", self.svd_input, ("logits", "features"))
+        _check_choice("preset", self.preset, ("default", "paper"))
+        if self.svd_input is not None:
+            _check_choice("svd_input", self.svd_input, ("logits", "features"))
+        if self.consistency_target is not None:
+            _check_choice("consistency_target", self.consistency_target, ("initial_head", "current_head", "features"))
+        if self.task == "nlg" and self.consistency_target not in (None, "initial_head"):
+            raise ValueError(
+                f"consistency_target={self.consistency_target!r} is for NLU; the NLG consistency term compares "
+                "token distributions with the pre-trained model's. Leave it unset"
+            )
         if self.svd_input == "features" and self.task == "nlg":
             raise ValueError(_FEATURES_NLG)
         if self.consistency_schedule is not None:
@@ -173,6 +216,10 @@ class BALoRAConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a number >= 0 (0 turns the term off); got {value!r}")
+        if self.head_learning_rate is not None and not (
+            math.isfinite(self.head_learning_rate) and self.head_learning_rate > 0
+        ):
+            raise ValueError(f"head_learning_rate must be > 0 or None; got {self.head_learning_rate!r}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be > 0; got {self.temperature!r}")
         for name in ("consistency_final_ratio", "regularizer_start", "regularizer_ramp"):
@@ -207,7 +254,10 @@ class BALoRAConfig:
             raise ValueError(f"config says task={self.task!r} but the model is a {task!r} model")
         if self.svd_input == "features" and task == "nlg":
             raise ValueError(_FEATURES_NLG)
+        if task == "nlg" and self.consistency_target not in (None, "initial_head"):
+            raise ValueError(f"consistency_target={self.consistency_target!r} is for NLU models; leave it unset")
         l1, l2, l3, k, c_sched, r_sched = PRESETS[task]
+        target, svd_input = NLU_PRESETS[self.preset] if task == "nlu" else ("initial_head", "logits")
         on = self.method == "balora"
 
         def pick(value: Any, preset: Any) -> Any:
@@ -223,6 +273,8 @@ class BALoRAConfig:
             svd_top_k=pick(self.svd_top_k, k),
             consistency_schedule=pick(self.consistency_schedule, c_sched),
             regularizer_schedule=pick(self.regularizer_schedule, r_sched),
+            consistency_target=pick(self.consistency_target, target),
+            svd_input=pick(self.svd_input, svd_input),
         )
 
     def weights_at(self, progress: float) -> tuple[float, float, float]:

@@ -38,6 +38,14 @@ class ModelSection:
     )
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ..."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+    pooling: Literal["cls", "mean"] = field(
+        default="cls",
+        metadata={
+            "help": "NLU: cls = the model class's own head (BERT: on the [CLS] pooler); mean = masked mean of the "
+            "last hidden states into a fresh Linear head (what sentence-embedding models such as MiniLM were "
+            "trained with)."
+        },
+    )
 
 
 @dataclass

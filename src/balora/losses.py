@@ -30,6 +30,7 @@ __all__ = [
     "nlg_valid_mask",
     "nlu_consistency",
     "nlu_diversity",
+    "nlu_feature_consistency",
     "nlu_svd",
     "select_valid",
 ]
@@ -69,6 +70,25 @@ def nlu_consistency(logits: Tensor, teacher_logits: Tensor, *, temperature: floa
     log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
     return kl / logits.shape[0] * temperature**2
+
+
+def nlu_feature_consistency(features: Tensor, teacher_features: Tensor) -> Tensor:
+    """Drift of the pooled features from the pre-trained model's, in [0, 2], minimise (balora's `features` target).
+
+    L = (1/N) Σ_n (1 − cos(h_F[n], h_P[n])), with h_F = `features` (N, H) of the model being trained and h_P =
+    `teacher_features` (N, H) of the pre-trained model (detached). Scale-free: it measures where the features point,
+    not their norm, so it neither depends on the head nor pulls any prediction toward a fixed output. A zero feature
+    row counts as cosine 0 (finite gradient). Not in the paper: its consistency term (Eq. 4) compares logits.
+    """
+    if features.shape != teacher_features.shape or features.dim() != 2:
+        raise ValueError(
+            "nlu_feature_consistency expects features and teacher_features of the same shape (N, H); got "
+            f"{tuple(features.shape)} and {tuple(teacher_features.shape)}"
+        )
+    if features.shape[0] == 0:
+        return _zero(features)
+    cos = F.cosine_similarity(features.float(), teacher_features.detach().float(), dim=-1, eps=1e-8)
+    return (1.0 - cos).mean()
 
 
 def nlu_diversity(logits: Tensor) -> Tensor:

@@ -33,6 +33,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from balora.heads import NEW_MODULES_ATTR, MeanPooledForSequenceClassification, Pooling
+
 logger = logging.getLogger(__name__)
 
 TaskKind = Literal["nlu", "nlg"]
@@ -229,6 +231,17 @@ def _head_kwargs(task: TaskKind, num_labels: int | None, problem_type: ProblemTy
     return {"num_labels": num_labels, "problem_type": problem_type}
 
 
+def _new_modules(model: torch.nn.Module, missing_keys: Any) -> list[str]:
+    """The smallest modules whose parameters all came fresh (not from the checkpoint), e.g. a new head."""
+    missing = set(missing_keys)
+    fresh = []
+    for name, module in model.named_modules():
+        params = [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
+        if name and params and all(p in missing for p in params) and not any(name.startswith(f + ".") for f in fresh):
+            fresh.append(name)
+    return fresh
+
+
 def _hub_error(name: str, error: OSError) -> ModelLoadError:
     return ModelLoadError(
         f"could not load {name!r}: it is not a local folder and the Hugging Face Hub did not provide it ({error}). "
@@ -261,12 +274,19 @@ def load_model(
     dtype: DTypeName = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    pooling: Pooling = "cls",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)` for `task`, on `device`, in `dtype`; see the module docstring for the names accepted.
 
-    NLU: `problem_type` defaults to regression when `num_labels == 1`, else single-label classification.
+    NLU: `problem_type` defaults to regression when `num_labels == 1`, else single-label classification. `pooling`
+    (NLU): `cls` = the model class's own head, `mean` = `balora.heads.MeanPooledForSequenceClassification`. The
+    modules whose weights the checkpoint lacks (a fresh head) are recorded as `model.balora_new_modules`.
     """
     head = _head_kwargs(task, num_labels, problem_type)
+    if pooling not in ("cls", "mean"):
+        raise ValueError(f"unknown pooling {pooling!r}; choose 'cls' (the model's own head) or 'mean'")
+    if task == "nlg" and pooling != "cls":
+        raise ValueError("pooling applies to task='nlu' (sequence classification) only; leave it 'cls' for nlg")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     path, gguf_file = resolve_model_path(name_or_path)
@@ -276,7 +296,15 @@ def load_model(
     start = time.perf_counter()
     try:
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        model = auto_cls.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **head)
+        if pooling == "mean":
+            model = MeanPooledForSequenceClassification.from_backbone(
+                path, config_kwargs=head, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
+        else:
+            model, info = auto_cls.from_pretrained(
+                path, dtype=torch_dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **head
+            )
+            setattr(model, NEW_MODULES_ATTR, _new_modules(model, info.get("missing_keys", ())))
     except OSError as e:
         if Path(path).is_dir():
             raise ModelLoadError(f"could not load the checkpoint in {path}: {e}") from e

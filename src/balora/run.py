@@ -67,6 +67,7 @@ def load_model_for(exp: Experiment, spec: Any = None) -> tuple[Any, Any]:
         dtype=m.dtype,
         device=m.device,
         trust_remote_code=m.trust_remote_code,
+        pooling=m.pooling,
     )
 
 

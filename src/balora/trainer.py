@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -34,6 +34,16 @@ from balora import losses
 from balora.adapter import detect_task
 from balora.config import BALoRAConfig
 from balora.fused import nlg_fused_loss
+from balora.nlu import (
+    TeacherCache,
+    capture_input,
+    check_consistency_target,
+    current_head_logits,
+    head_parameters,
+    last_token_index,
+    locate_head,
+    pooled,
+)
 from balora.spectral import hidden_svd_loss
 from balora.teacher import pretrained_teacher, unwrap_model
 
@@ -60,15 +70,20 @@ class BALoRATrainer(Trainer):
             raise ValueError("balora_config.task is not set: call config.resolve(task) or use get_balora_model")
         self.balora_config = config
         self.svd_method = resolve_svd_method(config, peft_model)
+        nlu_target = config.consistency_target if config.task == "nlu" else None
+        # NLU: the head (its input is the pooled features of the consistency targets; its own learning rate).
+        self._head = locate_head(peft_model) if config.task == "nlu" else None
+        if self._head is not None:
+            check_consistency_target(config, peft_model)
+        self._teacher_needs_features = nlu_target in ("current_head", "features")
         # svd_input="features": the Linear layers that can produce the logits (checked now, hooked per forward).
         self._logit_layers = classifier_layers(peft_model) if config.svd_input == "features" else []
         # We compute the task loss ourselves from the logits, normalised by num_items_in_batch: ask the Trainer to
         # count the items of each optimizer step (it does so only for models that take loss kwargs).
         self.model_accepts_loss_kwargs = True
         self._term_logs: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        # NLU teacher cache: row key -> the teacher's logits for that row (see `row_keys`).
-        self._teacher_cache: dict[bytes, Tensor] = {}
-        self._cache_hits = self._cache_misses = 0
+        # NLU teacher cache: row key -> the teacher's logits (and head input) for that row (see `row_keys`).
+        self._teacher_cache = TeacherCache(self._teacher_needs_features) if config.teacher_cache else None
 
     # ------------------------------------------------------------------------------------------------------------
     def current_weights(self) -> tuple[float, float, float]:
@@ -94,23 +109,38 @@ class BALoRATrainer(Trainer):
         cfg = self.balora_config
         l1, l2, l3 = self.current_weights() if training else (0.0, 0.0, 0.0)
 
-        teacher_logits = None
+        teacher_logits = teacher_feats = None
         if l1 > 0:
-            teacher_logits = self._teacher_logits(model, model_inputs)
+            teacher_logits, teacher_feats = self._teacher_outputs(model, model_inputs)
         hidden_svd = cfg.task == "nlg" and l3 > 0 and self.svd_method == "hidden"
         features = None
-        if cfg.task == "nlu" and l3 > 0 and cfg.svd_input == "features":
-            with capture_classifier_input(self._logit_layers) as captured:
-                outputs = model(**model_inputs)
-            features = captured[-1] if captured else None
+        target = cfg.consistency_target if cfg.task == "nlu" and l1 > 0 else None
+        with ExitStack() as stack:
+            svd_captured = head_captured = None
+            if cfg.task == "nlu" and l3 > 0 and cfg.svd_input == "features":
+                svd_captured = stack.enter_context(capture_classifier_input(self._logit_layers))
+            if target == "features":
+                head_captured = stack.enter_context(capture_input(self._head.module))
+            outputs = model(**model_inputs, **({"output_hidden_states": True} if hidden_svd else {}))
+        if svd_captured is not None:
+            features = svd_captured[-1] if svd_captured else None
+            if features is not None and features.dim() == 3:  # a decoder's score maps every token: read the last one
+                index = last_token_index(model_inputs["input_ids"], self._pad_token_id())
+                features = features[torch.arange(features.shape[0], device=features.device), index]
             if features is None or features.dim() != 2 or features.shape[0] != labels.shape[0]:
                 raise RuntimeError(
                     "svd_input='features': no (batch, features) input reached the classifier's last Linear in this "
                     "forward; this model's head is not supported, use svd_input='logits'"
                 )
-        else:
-            outputs = model(**model_inputs, **({"output_hidden_states": True} if hidden_svd else {}))
         logits = outputs.logits
+        consistency_features = None
+        mask = model_inputs.get("attention_mask")
+        if target == "current_head":
+            teacher_logits = current_head_logits(self._head, teacher_feats, model_inputs, self._pad_token_id())
+        elif target == "features":
+            if not head_captured:
+                raise RuntimeError("consistency_target='features': the head was not called in this forward")
+            consistency_features = (pooled(head_captured[-1], mask), pooled(teacher_feats, mask))
         ga = self._accumulation_steps() if training else 1
         if cfg.task == "nlg" and cfg.loss_impl == "fused":
             loss, values = self._fused_nlg(
@@ -118,7 +148,8 @@ class BALoRATrainer(Trainer):
             )
         else:
             loss, values = self._reference_loss(
-                logits, labels, teacher_logits, (l1, l2, l3), ga, num_items_in_batch, svd_features=features
+                logits, labels, teacher_logits, (l1, l2, l3), ga, num_items_in_batch, svd_features=features,
+                consistency_features=consistency_features,
             )
 
         store = self._term_logs["train" if training else "eval"]
@@ -148,10 +179,12 @@ class BALoRATrainer(Trainer):
         ga: int,
         num_items_in_batch: Tensor | int | None,
         svd_features: Tensor | None = None,
+        consistency_features: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The objective from the plain functions of `balora.losses` (NLU, and NLG with loss_impl="reference").
 
         `svd_features` (NLU, svd_input="features"): the batch matrix the SVD term acts on instead of the logits.
+        `consistency_features` (NLU, consistency_target="features"): (student, pre-trained) pooled features.
         """
         cfg = self.balora_config
         l1, l2, l3 = weights
@@ -159,7 +192,9 @@ class BALoRATrainer(Trainer):
         task_loss = task_sum / self._task_denominator(count, ga, num_items_in_batch)
         terms: dict[str, Tensor | None] = {"consistency_loss": None, "diversity_loss": None, "svd_loss": None}
         if cfg.task == "nlu":
-            if l1 > 0:
+            if l1 > 0 and consistency_features is not None:
+                terms["consistency_loss"] = losses.nlu_feature_consistency(*consistency_features)
+            elif l1 > 0:
                 terms["consistency_loss"] = losses.nlu_consistency(logits, teacher_logits, temperature=cfg.temperature)
             if l2 > 0:
                 terms["diversity_loss"] = losses.nlu_diversity(logits)
@@ -227,22 +262,45 @@ class BALoRATrainer(Trainer):
             values = {**values, "svd_loss": svd.detach()}
         return loss, dict(values)
 
-    def _teacher_logits(self, model: torch.nn.Module, model_inputs: dict[str, Any]) -> Tensor:
-        """The pre-trained model's logits, from the NLU cache when every row of the batch is in it."""
-        if not self.balora_config.teacher_cache:
-            with pretrained_teacher(model):
-                return model(**model_inputs).logits
-        keys = row_keys(model_inputs)
-        cached = [self._teacher_cache.get(k) for k in keys]
-        if all(c is not None for c in cached):
-            self._cache_hits += len(keys)
-            return torch.stack(cached)  # type: ignore[arg-type]
-        with pretrained_teacher(model):
+    def _teacher_outputs(self, model: torch.nn.Module, model_inputs: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """The pre-trained model's logits and (when a consistency target needs them) its head input features; from
+        the NLU cache when every row of the batch is in it."""
+        cache, mask = self._teacher_cache, model_inputs.get("attention_mask")
+        keys = row_keys(model_inputs) if cache is not None else None
+        if cache is not None and (hit := cache.get(keys, mask)) is not None:
+            return hit
+        with ExitStack() as stack:
+            captured = stack.enter_context(capture_input(self._head.module)) if self._teacher_needs_features else None
+            stack.enter_context(pretrained_teacher(model))
             logits = model(**model_inputs).logits
-        for key, row in zip(keys, logits.detach(), strict=True):
-            self._teacher_cache[key] = row
-        self._cache_misses += len(keys)
-        return logits
+        features = None
+        if captured is not None:
+            if not captured:
+                raise RuntimeError("the pre-trained model's forward did not call the classification head")
+            features = captured[-1]
+        if cache is not None:
+            cache.put(keys, logits, features, mask)
+        return logits, features
+
+    def _pad_token_id(self) -> int | None:
+        return getattr(unwrap_model(self.model).config, "pad_token_id", None)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer; with `head_learning_rate`, the head's parameters get their own group."""
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        head_lr = self.balora_config.head_learning_rate
+        if head_lr is None or self._head is None or getattr(self, "_head_group_added", False):
+            return optimizer
+        head_ids = {id(p) for p in head_parameters(self.model)}
+        for group in list(optimizer.param_groups):
+            in_head = [p for p in group["params"] if id(p) in head_ids]
+            if in_head:
+                group["params"] = [p for p in group["params"] if id(p) not in head_ids]
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": in_head,
+                                           "lr": head_lr})
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        self._head_group_added = True
+        return optimizer
 
     def _accumulation_steps(self) -> int:
         return int(getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps) or 1)
@@ -276,9 +334,10 @@ class BALoRATrainer(Trainer):
             if values:
                 logs[f"{prefix}{name}"] = torch.stack([v.float().cpu() for v in values]).mean().item()
         store.clear()
-        if split == "train" and self.balora_config.teacher_cache and self._cache_hits + self._cache_misses:
-            logs["teacher_cache_hit_rate"] = self._cache_hits / (self._cache_hits + self._cache_misses)
-            self._cache_hits = self._cache_misses = 0  # the rate since the last log
+        cache = self._teacher_cache
+        if split == "train" and cache is not None and cache.hits + cache.misses:
+            logs["teacher_cache_hit_rate"] = cache.hits / (cache.hits + cache.misses)
+            cache.hits = cache.misses = 0  # the rate since the last log
         super().log(logs, start_time)
 
 
