@@ -134,11 +134,11 @@ TRAINING = {
 
 def write_experiment(
     path: Path, *, model: Path, output_dir: Path, data: dict[str, Any], balora: dict[str, Any] | None = None,
-    training: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None, model_options: dict[str, Any] | None = None,
 ) -> Path:
     """An experiment YAML headed by the command that runs it; `training` values update `TRAINING`."""
     raw = {
-        "model": {"name": str(model), "dtype": "float32", "device": "cpu"},
+        "model": {"name": str(model), "dtype": "float32", "device": "cpu", **(model_options or {})},
         "data": data,
         "balora": {"r": 2, **(balora or {})},
         "training": {**TRAINING, **(training or {})},

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import balora.run
 from balora.cli import main
+from balora.models import load_model
 
 from cli_fixtures import nlg_experiment, nlu_experiment, save_tiny_bert, save_tiny_llama, write_alpaca, write_sst2
 
@@ -47,19 +48,33 @@ def _logits(model, inputs):
     return model(**inputs).logits.float()
 
 
-@pytest.fixture(scope="module")
-def nlu(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("export-nlu")
+def _nlu_case(tmp, pooling):
     bert = save_tiny_bert(tmp / "bert")
     train, validation = write_sst2(tmp / "sst2")
     config = nlu_experiment(tmp, bert, train, validation, balora={"method": "balora", "r": 2, "alpha": 4},
-                            training={"learning_rate": 5e-2})
+                            training={"learning_rate": 5e-2}, model_options={"pooling": pooling})
     with pytest.MonkeyPatch.context() as mp:
         trained = _train_and_capture(mp, config)
     texts = [json.loads(line)["sentence"] for line in validation.read_text().splitlines()[:6]]
     inputs = _inputs(AutoTokenizer.from_pretrained(bert), texts)
+    if pooling == "mean":  # the base is the backbone with a mean-pooled head (seeded like the run's)
+        def load(path):
+            torch.manual_seed(0)
+            return load_model(str(path), task="nlu", num_labels=2, pooling="mean", device="cpu")[0]
+    else:
+        load = AutoModelForSequenceClassification.from_pretrained
     return {"tmp": tmp, "base": bert, "run": tmp / "nlu", "inputs": inputs, "want": _logits(trained, inputs),
-            "auto": AutoModelForSequenceClassification, "r": 2, "alpha": 4}
+            "load": load, "r": 2, "alpha": 4}
+
+
+@pytest.fixture(scope="module")
+def nlu(tmp_path_factory):
+    return _nlu_case(tmp_path_factory.mktemp("export-nlu"), "cls")
+
+
+@pytest.fixture(scope="module")
+def nlu_mean(tmp_path_factory):
+    return _nlu_case(tmp_path_factory.mktemp("export-nlu-mean"), "mean")
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +88,17 @@ def nlg(tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(llama)
     inputs = _inputs(tokenizer, ["Below is an instruction that describes a task .", "Give three tips for"])
     return {"tmp": tmp, "base": llama, "run": tmp / "nlg", "inputs": inputs, "want": _logits(trained, inputs),
-            "auto": AutoModelForCausalLM, "r": 3, "alpha": 3}
+            "load": AutoModelForCausalLM.from_pretrained, "r": 3, "alpha": 3}
 
 
-@pytest.fixture(params=["nlu", "nlg"])
+@pytest.fixture(params=["nlu", "nlu_mean", "nlg"])
 def case(request):
     return request.getfixturevalue(request.param)
 
 
 def test_the_adapter_has_moved(case):
     """Without training the export would be a no-op and the parity tests below could not fail."""
-    base = case["auto"].from_pretrained(case["base"]).eval()
+    base = case["load"](case["base"]).eval()
     assert (_logits(base, case["inputs"]) - case["want"]).abs().max() > 100 * ATOL
 
 
@@ -93,7 +108,7 @@ def test_export_lora_applies_to_the_original_base(case, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 2 * case["r"]  # PiSSA: ΔW = [B | -B0] [A ; A0]
     assert config["lora_alpha"] == 2 * case["alpha"]  # same scaling alpha / r
-    fresh = case["auto"].from_pretrained(case["base"]).eval()
+    fresh = case["load"](case["base"]).eval()
     exported = PeftModel.from_pretrained(fresh, str(out)).eval()
     torch.testing.assert_close(_logits(exported, case["inputs"]), case["want"], atol=ATOL, rtol=0)
 
@@ -102,7 +117,7 @@ def test_export_merged_is_a_plain_transformers_model(case, tmp_path):
     out = tmp_path / "merged"
     assert main(["export", str(case["run"]), "--to", "merged", str(out)]) == 0
     assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
-    merged = case["auto"].from_pretrained(out).eval()
+    merged = case["load"](out).eval()
     assert not any("lora" in name for name, _ in merged.named_parameters())
     torch.testing.assert_close(_logits(merged, case["inputs"]), case["want"], atol=ATOL, rtol=0)
     assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(case["base"]).get_vocab()

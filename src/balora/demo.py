@@ -1,4 +1,5 @@
-"""`balora demo`: PiSSA and BA-LoRA on the same data with the same seed, side by side, fully offline."""
+"""`balora demo`: PiSSA and BA-LoRA on the same data with the same seed, side by side with a linear probe on the frozen
+model's features (the cheapest honest baseline), fully offline."""
 
 from __future__ import annotations
 
@@ -13,6 +14,27 @@ from balora.plots import plot_metric_bars, plot_training_curves
 from balora.run import train_experiment
 
 METHODS = ("pissa", "balora")
+PROBE = "linear probe (frozen)"
+
+
+def run_probe(config: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The frozen model's linear probe on the same training and validation rows as the runs (`balora.probe`)."""
+    from transformers import set_seed
+
+    from balora.probe import linear_probe
+    from balora.run import load_model_for, prepare_data, task_spec_for
+
+    experiment, _ = load_experiment(config, list(overrides or []))
+    args = experiment.training_arguments()
+    set_seed(args.seed)
+    spec = task_spec_for(experiment)
+    model, tokenizer = load_model_for(experiment, spec)
+    prepared = prepare_data(experiment, tokenizer, None, args.seed)
+    start = time.perf_counter()
+    result = linear_probe(model, prepared["train"], prepared["eval"]["validation"], prepared["collator"], spec)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    result["final_terms"] = {}
+    return result
 
 
 def run_demo(config: Path, output_dir: Path) -> dict[str, Any]:
@@ -32,18 +54,20 @@ def run_demo(config: Path, output_dir: Path) -> dict[str, Any]:
         results[method] = result
 
         histories[method] = json.loads((output_dir / method / "log_history.json").read_text())
+    print(f"\n=== {PROBE}: logistic regression on the frozen model's pooled features, same rows ===", flush=True)
+    probe = run_probe(config)
     metric = _main_metric(results[METHODS[0]]["metrics"])
-    table = format_table(results, metric)
+    table = format_table({**results, PROBE: probe}, metric)
     print("\n" + table)
     plot_training_curves(histories, output_dir / "demo_losses.png", title="PiSSA vs BA-LoRA: loss terms")
     plot_metric_bars(
-        {m: results[m]["metrics"][metric] for m in METHODS},
+        {**{m: results[m]["metrics"][metric] for m in METHODS}, "probe": probe["metrics"][metric]},
         output_dir / "demo_accuracy.png",
         metric=metric,
         title="validation " + metric.removeprefix("eval_"),
     )
     (output_dir / "demo_table.md").write_text(table + "\n")
-    write_json_atomic(output_dir / "demo_summary.json", results)
+    write_json_atomic(output_dir / "demo_summary.json", {**results, "linear_probe": probe})
     print(f"\nbalora demo: plots and runs written to {output_dir}/ (demo_losses.png, demo_accuracy.png)")
     return results
 

@@ -27,12 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from peft import PeftModel
 from torch import Tensor
 
 from balora.eval.files import write_json_atomic
 from balora.evaluate import pretrained_view
-from balora.teacher import unwrap_model
 
 DIAGNOSTICS_FILE = "diagnostics.json"
 MAX_RANK_ROWS = 512  # rows (examples or tokens) used for the effective ranks; an SVD of (512, V) stays cheap
@@ -117,31 +115,24 @@ def _batches(dataset: Any, collator: Any, batch_size: int) -> Iterator[dict[str,
         yield collator(rows)
 
 
-def _pool(hidden: Tensor, attention_mask: Tensor, first_token: bool) -> Tensor:
-    """The hidden state the classification head reads: [CLS] (encoders) or the last non-pad token (decoders)."""
-    if first_token:
-        return hidden[:, 0]
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    last = (attention_mask * positions).argmax(dim=1)  # right or left padding
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
 @torch.no_grad()
 def classifier_pass(model: torch.nn.Module, dataset: Any, collator: Any, *, batch_size: int = 64,
                     pretrained: bool = False) -> tuple[Tensor, Tensor]:
-    """(logits (N, C), final pooled hidden features (N, H)) of a PEFT classification model, in eval mode."""
-    inner = unwrap_model(model)
-    owner = inner.get_base_model() if isinstance(inner, PeftModel) else inner
-    first_token = not hasattr(owner, "score")  # `score` heads (decoders) read the last token
+    """(logits (N, C), pooled features (N, H)) of a classification model, in eval mode. The features are the input of
+    its classification head (`balora.nlu.pooled`: a (B, T, H) head input is averaged over the attention mask)."""
+    from balora.nlu import capture_input, locate_head, pooled
+
+    head = locate_head(model)
     logits, features = [], []
     device = _device(model)
     context = pretrained_view(model) if pretrained else contextlib.nullcontext(model)
     with context as model:
         for batch in _batches(dataset.remove_columns(["labels"]), collator, batch_size):
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch, output_hidden_states=True)
+            with capture_input(head.module) as captured:
+                out = model(**batch)
             logits.append(out.logits.float().cpu())
-            features.append(_pool(out.hidden_states[-1], batch["attention_mask"], first_token).float().cpu())
+            features.append(pooled(captured[-1], batch.get("attention_mask")).float().cpu())
     return torch.cat(logits), torch.cat(features)
 
 
@@ -167,6 +158,8 @@ def nlu_diagnostics(experiment: Any, model: Any, tokenizer: Any, run_dir: Path, 
         "task": "nlu",
         "examples": len(val),
         "drift_kl": float(mean_kl(pre_logits, logits)),
+        # 1 - cosine of each row's pooled features to the pre-trained model's (the head does not enter)
+        "features_drift": float((1 - F.cosine_similarity(pre_features, features, dim=-1)).mean()),
         "predicted_class_entropy": label_entropy(predicted, spec.num_labels),
         "true_label_entropy": label_entropy(val["labels"], spec.num_labels),
         "logits_effective_rank": effective_rank(logits[:MAX_RANK_ROWS]),

@@ -46,6 +46,13 @@ class ModelSection:
             "trained with)."
         },
     )
+    regression_bias: Literal["mean", "zero"] = field(
+        default="mean",
+        metadata={
+            "help": "NLU regression: the fresh head's output bias starts at the training labels' mean (mean) or at "
+            "its initial value (zero), so the first steps are not spent learning the offset."
+        },
+    )
 
 
 @dataclass

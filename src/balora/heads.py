@@ -15,6 +15,7 @@ checkpoint was loaded (recorded by `balora.models.load_model`, e.g. DeBERTa's `p
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -202,7 +203,11 @@ def find_head(model: nn.Module) -> list[str]:
     `classification_head`). Modules recorded as created at load (`balora_new_modules`) are added.
     """
     num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-    outputs = [n for n, m in model.named_modules() if n and num_labels and _is_output_layer(n, m, num_labels)]
+    outputs = []  # under PEFT, `X.modules_to_save.<adapter>.Y` and `X.original_module.Y` are named `X.Y`
+    for name, module in model.named_modules():
+        plain = re.sub(r"\.(modules_to_save\.[^.]+|original_module)(?=\.|$)", "", name)
+        if name and num_labels and _is_output_layer(name, module, num_labels) and plain not in outputs:
+            outputs.append(plain)
     if not outputs:
         raise ValueError(
             f"no classification head found in this {type(model).__name__}: no Linear layer has num_labels="
@@ -221,6 +226,23 @@ def find_head(model: nn.Module) -> list[str]:
     return names
 
 
+@torch.no_grad()
+def set_output_bias(model: nn.Module, value: float) -> bool:
+    """Set the bias of the head's output layer to `value` (a regression head starting at the labels' mean).
+
+    Returns False (nothing changed) when the output layer has no bias, as in decoders' `score`.
+    """
+    names = find_head(model)
+    module = model.get_submodule(names[0])
+    num_labels = model.config.num_labels
+    layers = [m for n, m in module.named_modules() if _is_output_layer(n or "head", m, num_labels)]
+    bias = getattr(layers[-1], "bias", None) if layers else None
+    if bias is None:
+        return False
+    bias.fill_(value)
+    return True
+
+
 def _holds_layers(module: nn.Module) -> bool:
-    """A backbone (it has many parameters in nested blocks), not a small head module."""
-    return sum(1 for _ in module.modules()) > 8
+    """A backbone (many nested modules), not a small head module (under PEFT: its original module is counted)."""
+    return sum(1 for _ in getattr(module, "original_module", module).modules()) > 8

@@ -164,6 +164,12 @@ def train_experiment(exp: Experiment, *, resume: bool = False) -> dict[str, Any]
     spec = None if exp.is_nlg else task_spec_for(exp)
     model, tokenizer = load_model_for(exp, spec)
     prepared = prepare_data(exp, tokenizer, run_dir, args.seed)
+    if spec is not None and spec.regression and exp.model.regression_bias == "mean":
+        from balora.heads import set_output_bias
+
+        mean = float(sum(prepared["train"]["labels"]) / max(len(prepared["train"]), 1))
+        if not set_output_bias(model, mean):
+            logger.warning("model.regression_bias 'mean': the head's output layer has no bias; it starts at 0")
     if exp.balora.method == "full":  # every weight trains, no adapter; the BA-LoRA terms are off (config checks)
         config = exp.balora.resolve("nlg" if exp.is_nlg else "nlu")
         trained = model  # loaded models are trainable throughout (a test checks every weight changes)
