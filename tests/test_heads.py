@@ -133,3 +133,57 @@ def test_find_head_names_modules_created_at_load_and_refuses_headless_models():
     bert.config.num_labels = 7
     with pytest.raises(ValueError, match="no classification head found.*modules_to_save"):
         find_head(bert)
+
+
+def test_regression_head_bias_starts_at_the_label_mean():
+    from balora.heads import set_output_bias
+
+    model = tiny_bert(num_labels=1, problem_type="regression")
+    assert set_output_bias(model, 2.75)
+    assert torch.all(model.classifier.bias == 2.75)
+    roberta = tiny_roberta(num_labels=1)
+    assert set_output_bias(roberta, -1.5)
+    assert torch.all(roberta.classifier.out_proj.bias == -1.5) and not torch.all(roberta.classifier.dense.bias == -1.5)
+    decoder = CLASSIFIERS["llama"]()
+    decoder.config.num_labels = 1
+    decoder.score = torch.nn.Linear(32, 1, bias=False)
+    assert not set_output_bias(decoder, 1.0)  # no bias to set: reported, nothing changed
+
+
+def test_pooling_is_refused_for_a_causal_lm():
+    from balora.experiment import ConfigError, build_experiment
+
+    raw = {"model": {"name": "x", "pooling": "mean"}, "data": {"task": "instruct"}, "output_dir": "o"}
+    with pytest.raises(ConfigError, match="model.pooling 'mean' is for sequence classification"):
+        build_experiment(raw)
+
+
+@pytest.mark.parametrize("bias", ["mean", "zero"])
+def test_balora_train_regression_starts_the_head_at_the_label_mean(tmp_path, bias):
+    import json
+
+    from safetensors.torch import load_file
+
+    from balora.cli import main
+
+    from cli_fixtures import save_tiny_bert, write_experiment
+
+    bert = save_tiny_bert(tmp_path / "bert")
+    rows = [{"sentence": f"a film {i}", "label": 1.0 + 0.5 * (i % 5)} for i in range(16)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_experiment(
+        tmp_path / "reg.yaml", model=bert, output_dir=tmp_path / "run",
+        data={"task": "classification", "text_fields": ["sentence"], "num_labels": 1, "train_file": str(train),
+              "validation_file": str(train), "max_length": 16},
+        balora={"method": "balora", "consistency_weight": 1.0},
+        training={"max_steps": 1, "learning_rate": 1e-12, "lr_scheduler_type": "constant"},
+        model_options={"pooling": "mean", "regression_bias": bias},
+    )
+    assert main(["train", str(config)]) == 0
+    state = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    (key,) = [k for k in state if k.endswith("out_proj.bias")]
+    expected = sum(r["label"] for r in rows) / len(rows) if bias == "mean" else 0.0
+    assert state[key].item() == pytest.approx(expected, abs=1e-6)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert "eval_pearson" in metrics

@@ -231,6 +231,11 @@ def build_experiment(raw: dict[str, Any], *, check_hardware: bool = True) -> Exp
     if not isinstance(output_dir, str) or not output_dir:
         raise ConfigError("output_dir is missing: set it to the folder where the run is written, e.g. runs/sst2")
     experiment = Experiment(output_dir=output_dir, training=dict(training), **built)
+    if experiment.is_nlg and experiment.model.pooling != "cls":
+        raise ConfigError(
+            f"model.pooling {experiment.model.pooling!r} is for sequence classification (NLU); a causal LM has no "
+            "pooling: remove model.pooling for data.task 'instruct'"
+        )
     # TrainingArguments validates its own ranges and combinations (and whether this machine supports bf16/fp16)
     experiment.training_arguments(**({} if check_hardware else {"bf16": False, "fp16": False}))
     return experiment
