@@ -7,7 +7,7 @@ import torch
 from transformers import TrainingArguments
 
 from balora import BALoRAConfig, BALoRATrainer, get_balora_model
-from balora.trainer import capture_classifier_input, classifier_layers
+from balora.nlu import capture_classifier_input, classifier_layers
 
 from conftest import tiny_bert, tiny_deberta, tiny_llama, tiny_roberta
 

@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from balora import BALoRAConfig, BALoRATrainer, get_balora_model
-from balora.trainer import row_keys
+from balora.nlu import row_keys
 
 from conftest import tiny_bert
 

@@ -14,6 +14,7 @@ by a masked mean over the attention mask for the `features` distance.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -169,3 +170,64 @@ class TeacherCache:
                 if feat.dim() == 2 and attention_mask is not None:
                     feat = feat[attention_mask[row].bool()]
             self._rows[key] = (logits[row].detach(), feat)
+
+
+def row_keys(model_inputs: dict[str, Any]) -> list[bytes]:
+    """One key per row: a digest of every model input of that row, padding removed.
+
+    The teacher's output for a row is a function of exactly these tensors, so a changed dataset, tokenizer or max
+    length gives a different key and can never reuse a stale cache entry.
+    """
+    tensors = {k: v.detach().cpu() for k, v in model_inputs.items() if isinstance(v, Tensor) and v.dim() >= 1}
+    if "input_ids" not in tensors:
+        raise ValueError("teacher_cache needs input_ids in the batch")
+    mask = tensors.get("attention_mask")
+    keys = []
+    for row in range(tensors["input_ids"].shape[0]):
+        digest = hashlib.blake2b(digest_size=16)
+        for name in sorted(tensors):
+            value = tensors[name][row]
+            if mask is not None and value.dim() >= 1 and value.shape[0] == mask.shape[1]:
+                value = value[mask[row].bool()]
+            digest.update(name.encode())
+            digest.update(str(value.dtype).encode())
+            digest.update(value.contiguous().numpy().tobytes())
+        keys.append(digest.digest())
+    return keys
+
+
+def classifier_layers(peft_model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The Linear layers whose output can be the logits of a sequence classifier (out_features = num_labels).
+
+    LoRA's own factors are skipped (lora_A has out_features = r, which can equal num_labels).
+    With PEFT's modules_to_save the head exists as the original and one copy per adapter; only the active one runs,
+    so hooking all of them and keeping the last input seen in a forward gives the features the logits came from.
+    """
+    num_labels = getattr(peft_model.config, "num_labels", None)
+    layers = [
+        m for name, m in peft_model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m.out_features == num_labels
+        and not any(part.startswith("lora_") for part in name.split("."))  # LoRA A has out_features = r
+    ]
+    if not num_labels or not layers:
+        raise ValueError(
+            "svd_input='features' needs a sequence-classification head ending in a Linear layer with num_labels "
+            f"outputs; {type(peft_model).__name__} has none. Use svd_input='logits'"
+        )
+    return layers
+
+
+@contextmanager
+def capture_classifier_input(layers: list[torch.nn.Linear]) -> Iterator[list[Tensor]]:
+    """Collect the input of every call of `layers` during the block (forward pre-hooks, removed on exit)."""
+    captured: list[Tensor] = []
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        captured.append(args[0])
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()

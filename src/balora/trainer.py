@@ -18,10 +18,8 @@ The Trainer is told the loss is already scaled (`loss_is_scaled_for_ga = True`).
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -36,13 +34,16 @@ from balora.config import BALoRAConfig
 from balora.fused import nlg_fused_loss
 from balora.nlu import (
     TeacherCache,
+    capture_classifier_input,
     capture_input,
     check_consistency_target,
+    classifier_layers,
     current_head_logits,
     head_parameters,
     last_token_index,
     locate_head,
     pooled,
+    row_keys,
 )
 from balora.spectral import hidden_svd_loss
 from balora.teacher import pretrained_teacher, unwrap_model
@@ -112,35 +113,15 @@ class BALoRATrainer(Trainer):
         teacher_logits = teacher_feats = None
         if l1 > 0:
             teacher_logits, teacher_feats = self._teacher_outputs(model, model_inputs)
-        hidden_svd = cfg.task == "nlg" and l3 > 0 and self.svd_method == "hidden"
-        features = None
-        target = cfg.consistency_target if cfg.task == "nlu" and l1 > 0 else None
-        with ExitStack() as stack:
-            svd_captured = head_captured = None
-            if cfg.task == "nlu" and l3 > 0 and cfg.svd_input == "features":
-                svd_captured = stack.enter_context(capture_classifier_input(self._logit_layers))
-            if target == "features":
-                head_captured = stack.enter_context(capture_input(self._head.module))
+        features = consistency_features = None
+        if cfg.task == "nlu":
+            outputs, features, teacher_logits, consistency_features = self._nlu_forward(
+                model, model_inputs, teacher_logits, teacher_feats, l1 > 0, l3 > 0
+            )
+        else:
+            hidden_svd = l3 > 0 and self.svd_method == "hidden"
             outputs = model(**model_inputs, **({"output_hidden_states": True} if hidden_svd else {}))
-        if svd_captured is not None:
-            features = svd_captured[-1] if svd_captured else None
-            if features is not None and features.dim() == 3:  # a decoder's score maps every token: read the last one
-                index = last_token_index(model_inputs["input_ids"], self._pad_token_id())
-                features = features[torch.arange(features.shape[0], device=features.device), index]
-            if features is None or features.dim() != 2 or features.shape[0] != labels.shape[0]:
-                raise RuntimeError(
-                    "svd_input='features': no (batch, features) input reached the classifier's last Linear in this "
-                    "forward; this model's head is not supported, use svd_input='logits'"
-                )
         logits = outputs.logits
-        consistency_features = None
-        mask = model_inputs.get("attention_mask")
-        if target == "current_head":
-            teacher_logits = current_head_logits(self._head, teacher_feats, model_inputs, self._pad_token_id())
-        elif target == "features":
-            if not head_captured:
-                raise RuntimeError("consistency_target='features': the head was not called in this forward")
-            consistency_features = (pooled(head_captured[-1], mask), pooled(teacher_feats, mask))
         ga = self._accumulation_steps() if training else 1
         if cfg.task == "nlg" and cfg.loss_impl == "fused":
             loss, values = self._fused_nlg(
@@ -161,6 +142,50 @@ class BALoRATrainer(Trainer):
             ):
                 store[name].append(torch.tensor(weight))
         return (loss, outputs) if return_outputs else loss
+
+    def _nlu_forward(
+        self,
+        model: torch.nn.Module,
+        model_inputs: dict[str, Any],
+        teacher_logits: Tensor | None,
+        teacher_feats: Tensor | None,
+        consistency_on: bool,
+        svd_on: bool,
+    ) -> tuple[Any, Tensor | None, Tensor | None, tuple[Tensor, Tensor] | None]:
+        """The student forward of an NLU model, capturing what the terms need (`balora.nlu`).
+
+        Returns (outputs, the SVD term's (N, H) features or None, the consistency target's logits,
+        (student, pre-trained) pooled features for consistency_target="features" or None).
+        """
+        cfg = self.balora_config
+        target = cfg.consistency_target if consistency_on else None
+        with ExitStack() as stack:
+            svd_captured = head_captured = None
+            if svd_on and cfg.svd_input == "features":
+                svd_captured = stack.enter_context(capture_classifier_input(self._logit_layers))
+            if target == "features":
+                head_captured = stack.enter_context(capture_input(self._head.module))
+            outputs = model(**model_inputs)
+        features = None
+        if svd_captured is not None:
+            features = svd_captured[-1] if svd_captured else None
+            if features is not None and features.dim() == 3:  # a decoder's score maps every token: read the last one
+                index = last_token_index(model_inputs["input_ids"], self._pad_token_id())
+                features = features[torch.arange(features.shape[0], device=features.device), index]
+            if features is None or features.dim() != 2 or features.shape[0] != outputs.logits.shape[0]:
+                raise RuntimeError(
+                    "svd_input='features': no (batch, features) input reached the classifier's last Linear in this "
+                    "forward; this model's head is not supported, use svd_input='logits'"
+                )
+        consistency_features = None
+        if target == "current_head":
+            teacher_logits = current_head_logits(self._head, teacher_feats, model_inputs, self._pad_token_id())
+        elif target == "features":
+            if not head_captured:
+                raise RuntimeError("consistency_target='features': the head was not called in this forward")
+            mask = model_inputs.get("attention_mask")
+            consistency_features = (pooled(head_captured[-1], mask), pooled(teacher_feats, mask))
+        return outputs, features, teacher_logits, consistency_features
 
     def _task_denominator(self, count: int, ga: int, num_items_in_batch: Tensor | int | None) -> Tensor | float:
         """What the summed task loss is divided by (see the module docstring)."""
@@ -339,67 +364,6 @@ class BALoRATrainer(Trainer):
             logs["teacher_cache_hit_rate"] = cache.hits / (cache.hits + cache.misses)
             cache.hits = cache.misses = 0  # the rate since the last log
         super().log(logs, start_time)
-
-
-def row_keys(model_inputs: dict[str, Any]) -> list[bytes]:
-    """One key per row: a digest of every model input of that row, padding removed.
-
-    The teacher's output for a row is a function of exactly these tensors, so a changed dataset, tokenizer or max
-    length gives a different key and can never reuse a stale cache entry.
-    """
-    tensors = {k: v.detach().cpu() for k, v in model_inputs.items() if isinstance(v, Tensor) and v.dim() >= 1}
-    if "input_ids" not in tensors:
-        raise ValueError("teacher_cache needs input_ids in the batch")
-    mask = tensors.get("attention_mask")
-    keys = []
-    for row in range(tensors["input_ids"].shape[0]):
-        digest = hashlib.blake2b(digest_size=16)
-        for name in sorted(tensors):
-            value = tensors[name][row]
-            if mask is not None and value.dim() >= 1 and value.shape[0] == mask.shape[1]:
-                value = value[mask[row].bool()]
-            digest.update(name.encode())
-            digest.update(str(value.dtype).encode())
-            digest.update(value.contiguous().numpy().tobytes())
-        keys.append(digest.digest())
-    return keys
-
-
-def classifier_layers(peft_model: torch.nn.Module) -> list[torch.nn.Linear]:
-    """The Linear layers whose output can be the logits of a sequence classifier (out_features = num_labels).
-
-    LoRA's own factors are skipped (lora_A has out_features = r, which can equal num_labels).
-    With PEFT's modules_to_save the head exists as the original and one copy per adapter; only the active one runs,
-    so hooking all of them and keeping the last input seen in a forward gives the features the logits came from.
-    """
-    num_labels = getattr(peft_model.config, "num_labels", None)
-    layers = [
-        m for name, m in peft_model.named_modules()
-        if isinstance(m, torch.nn.Linear) and m.out_features == num_labels
-        and not any(part.startswith("lora_") for part in name.split("."))  # LoRA A has out_features = r
-    ]
-    if not num_labels or not layers:
-        raise ValueError(
-            "svd_input='features' needs a sequence-classification head ending in a Linear layer with num_labels "
-            f"outputs; {type(peft_model).__name__} has none. Use svd_input='logits'"
-        )
-    return layers
-
-
-@contextmanager
-def capture_classifier_input(layers: list[torch.nn.Linear]) -> Iterator[list[Tensor]]:
-    """Collect the input of every call of `layers` during the block (forward pre-hooks, removed on exit)."""
-    captured: list[Tensor] = []
-
-    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        captured.append(args[0])
-
-    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _head_problem(peft_model: torch.nn.Module) -> str | None:
