@@ -187,3 +187,12 @@ def test_balora_train_regression_starts_the_head_at_the_label_mean(tmp_path, bia
     assert state[key].item() == pytest.approx(expected, abs=1e-6)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
     assert "eval_pearson" in metrics
+
+
+def test_named_targets_never_adapt_a_layer_inside_the_head():
+    # "out_proj" names BART's attention outputs and its head's output layer (2 outputs < r = 4): the head is trained in
+    # full, so it is neither adapted nor checked against r
+    model = get_balora_model(CLASSIFIERS["bart"](), BALoRAConfig(r=4, target_modules=["q_proj", "out_proj"]))
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith("lora_A")}
+    assert any(n.endswith("self_attn.out_proj") for n in adapted)
+    assert not any("classification_head" in n for n in adapted)

@@ -58,13 +58,8 @@ def lora_config_for(model: torch.nn.Module, config: BALoRAConfig) -> LoraConfig:
         init_lora_weights=True,
     )
     lora = _maybe_include_all_linear_layers(lora, model)
-    if heads:
-        # The head (and any module created fresh at load) is trained in full (modules_to_save), so no Linear layer
-        # inside it gets an adapter, whether the targets are 'all-linear' or names such as 'dense'.
-        inside = sorted(n for n, _ in model.named_modules() if any(n == h or n.startswith(h + ".") for h in heads))
-        if isinstance(lora.target_modules, set):
-            lora.target_modules = {n for n in lora.target_modules if n not in inside}
-        lora.exclude_modules = inside
+    # The head (and any module created fresh at load) is trained in full (modules_to_save); PEFT then never matches a
+    # layer inside it as a target, whether the targets are 'all-linear' or names such as 'dense' (tested).
     if any(isinstance(m, Conv1D) for _, m in _matched_modules(model, lora)):
         lora.fan_in_fan_out = True
     return lora
