@@ -43,7 +43,7 @@ PRESETS: dict[Task, tuple[float, float, float, int, ConsistencySchedule, Regular
 # (benchmarks/results/nlu_defaults.md).
 NLU_PRESETS: dict[Preset, tuple[ConsistencyTarget, SvdInput]] = {
     "paper": ("initial_head", "logits"),
-    "default": ("current_head", "features"),
+    "default": ("features", "features"),
 }
 
 
