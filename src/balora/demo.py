@@ -61,7 +61,7 @@ def run_demo(config: Path, output_dir: Path) -> dict[str, Any]:
     print("\n" + table)
     plot_training_curves(histories, output_dir / "demo_losses.png", title="PiSSA vs BA-LoRA: loss terms")
     plot_metric_bars(
-        {**{m: results[m]["metrics"][metric] for m in METHODS}, "probe": probe["metrics"][metric]},
+        {**{m: results[m]["metrics"][metric] for m in METHODS}, "linear probe": probe["metrics"][metric]},
         output_dir / "demo_accuracy.png",
         metric=metric,
         title="validation " + metric.removeprefix("eval_"),

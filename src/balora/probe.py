@@ -45,6 +45,8 @@ def frozen_features(
 
 def linear_probe(model: torch.nn.Module, train: Any, evaluation: Any, collator: Any, spec: Any) -> dict[str, Any]:
     """Fit the probe on `train`'s frozen features, score it on `evaluation` with the task's metrics."""
+    import warnings
+
     from sklearn.linear_model import LogisticRegressionCV, RidgeCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -57,8 +59,11 @@ def linear_probe(model: torch.nn.Module, train: Any, evaluation: Any, collator: 
         predictions = fit.predict(x_eval)
         chosen = 1.0 / float(fit[-1].alpha_)
     else:
-        fit = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=list(PROBE_CS), cv=5, max_iter=2000))
-        fit.fit(x_train, y_train)
+        fit = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=list(PROBE_CS), cv=5, max_iter=2000,
+                                                                   scoring="accuracy"))
+        with warnings.catch_warnings():  # scikit-learn 1.8 announces changes of defaults we do not rely on
+            warnings.simplefilter("ignore", FutureWarning)
+            fit.fit(x_train, y_train)
         predictions = fit.predict(x_eval).astype(np.int64)
         chosen = float(fit[-1].C_[0])
     metrics = glue_metrics(spec, predictions, y_eval.astype(np.float64) if spec.regression else y_eval)
