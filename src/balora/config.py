@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from balora.eval.files import write_json_atomic
+from balora.io import write_json_atomic
 
 Method = Literal["lora", "pissa", "balora", "full"]
 Task = Literal["nlu", "nlg"]

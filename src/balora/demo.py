@@ -1,37 +1,53 @@
-"""`balora demo`: PiSSA and BA-LoRA on the same data with the same seed, side by side, fully offline."""
+"""`balora demo`: PiSSA and BA-LoRA on the same data with the same seed, side by side, fully offline.
+
+The training step is given (`train(experiment, overwrite=...)`; the CLI passes `balora.train.train_experiment`), so
+that the demo does not import another command.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from balora.eval.files import write_json_atomic
+from balora import rundir
 from balora.experiment import load_experiment
+from balora.io import read_text, write_json_atomic, write_text_atomic
+from balora.losses import LOSS_TERMS
 from balora.plots import plot_metric_bars, plot_training_curves
-from balora.run import train_experiment
 
 METHODS = ("pissa", "balora")
 
 
-def run_demo(config: Path, output_dir: Path) -> dict[str, Any]:
-    """Train each method of METHODS from `config`, print a table and write plots and a summary to `output_dir`."""
+def run_demo(config: Path, output_dir: Path, *, train: Callable[..., Any], overwrite: bool = False) -> dict[str, Any]:
+    """Train each method of METHODS from `config`, print a table and write plots and a summary to `output_dir`.
+
+    The runs go to OUTPUT_DIR/<method>; an earlier demo there is refused unless `overwrite` (checked for every
+    method before the first one trains).
+    """
+    experiments = {
+        method: load_experiment(config, ["--balora.method", method, "--output_dir", str(output_dir / method)])[0]
+        for method in METHODS
+    }
+    for experiment in experiments.values():
+        rundir.check_claim(Path(experiment.output_dir), overwrite=overwrite)
     results: dict[str, Any] = {}
     histories: dict[str, Any] = {}
-    for method in METHODS:
-        experiment, _ = load_experiment(config, ["--balora.method", method, "--output_dir", str(output_dir / method)])
+    for method, experiment in experiments.items():
         print(
             f"\n=== {method}: {experiment.model.name} on {experiment.data.task} "
             f"({experiment.data.max_train_samples or 'all'} training rows) ===",
             flush=True,
         )
         start = time.perf_counter()
-        result = train_experiment(experiment)
+        result = dataclasses.asdict(train(experiment, overwrite=overwrite))
         result["seconds"] = round(time.perf_counter() - start, 1)
         results[method] = result
 
-        histories[method] = json.loads((output_dir / method / "log_history.json").read_text())
+        histories[method] = json.loads(read_text(output_dir / method / rundir.LOG_HISTORY))
     metric = _main_metric(results[METHODS[0]]["metrics"])
     table = format_table(results, metric)
     print("\n" + table)
@@ -42,7 +58,7 @@ def run_demo(config: Path, output_dir: Path) -> dict[str, Any]:
         metric=metric,
         title="validation " + metric.removeprefix("eval_"),
     )
-    (output_dir / "demo_table.md").write_text(table + "\n")
+    write_text_atomic(output_dir / "demo_table.md", table + "\n")
     write_json_atomic(output_dir / "demo_summary.json", results)
     print(f"\nbalora demo: plots and runs written to {output_dir}/ (demo_losses.png, demo_accuracy.png)")
     return results
@@ -56,7 +72,7 @@ def _main_metric(metrics: dict[str, Any]) -> str:
 
 
 def format_table(results: dict[str, Any], metric: str) -> str:
-    terms = ("task_loss", "consistency_loss", "diversity_loss", "svd_loss")
+    terms = LOSS_TERMS
     header = f"| method | {metric.removeprefix('eval_')} | " + " | ".join(terms) + " | time (s) |"
     lines = [header, "|" + "---|" * (len(terms) + 3)]
     for method, result in results.items():
