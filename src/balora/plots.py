@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-TERMS = ("task_loss", "consistency_loss", "diversity_loss", "svd_loss")
+from balora.losses import LOSS_TERMS
 
 
 def _pyplot() -> Any:
@@ -33,7 +33,7 @@ def plot_training_curves(
 ) -> Path:
     """One panel per loss term (task loss and each regularizer) against the step, one line per run."""
     plt = _pyplot()
-    present = [t for t in TERMS if any(t in entry for h in histories.values() for entry in h)]
+    present = [t for t in LOSS_TERMS if any(t in entry for h in histories.values() for entry in h)]
     if not present:
         raise ValueError("no loss terms in the log history; was anything logged (training.logging_steps)?")
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4), squeeze=False)

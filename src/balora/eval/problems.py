@@ -24,7 +24,7 @@ from balora.eval.code import mbpp_prompt
 from balora.io import REPO_ROOT, DataError, read_rows, read_text, require_fields
 
 TaskName = Literal["gsm8k", "math", "humaneval", "mbpp", "perplexity"]
-TemplateName = Literal["alpaca", "chat", "plain"]
+EvalTemplate = Literal["alpaca", "chat", "plain"]  # the training templates, or none ("plain")
 Kind = Literal["answer", "code", "perplexity"]
 
 DATA_DIR = REPO_ROOT / "data"
@@ -34,7 +34,7 @@ MBPP_TEST_IDS = range(11, 511)
 
 
 @dataclass(frozen=True)
-class TaskSpec:
+class BenchmarkSpec:
     """A benchmark: kind of scoring, required fields, bundled file, hub location, default generation length."""
 
     name: TaskName
@@ -45,22 +45,22 @@ class TaskSpec:
     max_new_tokens: int
 
 
-TASKS: dict[str, TaskSpec] = {
-    "gsm8k": TaskSpec(
+TASKS: dict[str, BenchmarkSpec] = {
+    "gsm8k": BenchmarkSpec(
         "gsm8k", "answer", ("question", "answer"), "gsm8k/test.jsonl", ("openai/gsm8k", "main", "test"), 512
     ),
-    "math": TaskSpec(
+    "math": BenchmarkSpec(
         "math", "answer", ("problem",), "math500/test.jsonl", ("HuggingFaceH4/MATH-500", None, "test"), 1024
     ),
-    "humaneval": TaskSpec(
+    "humaneval": BenchmarkSpec(
         "humaneval", "code", ("task_id", "prompt", "test", "entry_point"), "humaneval/HumanEval.jsonl",
         ("openai/openai_humaneval", None, "test"), 512,
     ),
-    "mbpp": TaskSpec(
+    "mbpp": BenchmarkSpec(
         "mbpp", "code", ("task_id", "text", "code", "test_list"), "mbpp/mbpp.jsonl",
         ("google-research-datasets/mbpp", "full", "test"), 512,
     ),
-    "perplexity": TaskSpec("perplexity", "perplexity", (), None, None, 0),
+    "perplexity": BenchmarkSpec("perplexity", "perplexity", (), None, None, 0),
 }  # fmt: skip
 
 
@@ -74,13 +74,13 @@ class Problem:
     reference: str | None  # the answer for answer tasks; None for code tasks (the tests are in the row)
 
 
-def get_task(name: str) -> TaskSpec:
+def get_task(name: str) -> BenchmarkSpec:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
     return TASKS[name]
 
 
-def _hub_rows(spec: TaskSpec) -> list[tuple[int, dict[str, Any]]]:
+def _hub_rows(spec: BenchmarkSpec) -> list[tuple[int, dict[str, Any]]]:
     assert spec.hub is not None
     dataset, config, split = spec.hub
     try:
@@ -120,7 +120,7 @@ def _single_object(path: Path) -> dict[str, Any]:
     return row
 
 
-def _source(spec: TaskSpec, data_file: str | os.PathLike | None) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+def _source(spec: BenchmarkSpec, data_file: str | os.PathLike | None) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
     if data_file is not None:
         path = Path(data_file)
         if spec.name == "math" and path.is_dir():
@@ -167,7 +167,7 @@ def load_problems(task: str, data_file: str | os.PathLike | None = None, limit: 
     return problems[:limit]
 
 
-def build_prompt(task: str, problem: Problem, *, template: TemplateName = "alpaca", tokenizer: Any = None) -> str:
+def build_prompt(task: str, problem: Problem, *, template: EvalTemplate = "alpaca", tokenizer: Any = None) -> str:
     """The text the model continues for this problem (see the module docstring for each template)."""
     row = problem.row
     if task in ("gsm8k", "math"):
@@ -188,7 +188,7 @@ def build_prompt(task: str, problem: Problem, *, template: TemplateName = "alpac
     raise ValueError(f"task {task!r} has no prompt; choose one of gsm8k, math, humaneval, mbpp")
 
 
-def stop_sequences(task: str, template: TemplateName) -> list[str]:
+def stop_sequences(task: str, template: EvalTemplate) -> list[str]:
     """Strings that end a completion (besides EOS): the next Alpaca section, or the Codex stops for plain code."""
     if template == "alpaca":
         return ["### Instruction", "### Response", "### Input"]

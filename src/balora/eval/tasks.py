@@ -21,9 +21,9 @@ from balora.eval.code import extract_code, humaneval_program, mbpp_program, mean
 from balora.eval.generate import Backend, generate
 from balora.eval.problems import (
     TASKS,
+    BenchmarkSpec,
+    EvalTemplate,
     Problem,
-    TaskSpec,
-    TemplateName,
     build_prompt,
     get_task,
     load_problems,
@@ -45,7 +45,7 @@ def evaluate_generation(
     limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
-    template: TemplateName = "alpaca",
+    template: EvalTemplate = "alpaca",
     n_samples: int = 1,
     temperature: float = 0.0,
     top_p: float = 0.95,
@@ -162,7 +162,7 @@ def _mbpp_code(completion: str) -> str:
     return re.sub(r"^assert\b.*$", "", extract_code(completion), flags=re.MULTILINE)
 
 
-def _score_answers(spec: TaskSpec, problems: list[Problem], samples: list[list[str]]) -> list[dict[str, Any]]:
+def _score_answers(spec: BenchmarkSpec, problems: list[Problem], samples: list[list[str]]) -> list[dict[str, Any]]:
     rows = []
     for problem, outputs in zip(problems, samples, strict=True):
         for output in outputs:
@@ -179,7 +179,7 @@ def _score_answers(spec: TaskSpec, problems: list[Problem], samples: list[list[s
 
 
 def _score_code(
-    spec: TaskSpec,
+    spec: BenchmarkSpec,
     problems: list[Problem],
     samples: list[list[str]],
     workers: int | None,
@@ -204,7 +204,7 @@ def _score_code(
 
 
 def _score_and_write(
-    spec: TaskSpec,
+    spec: BenchmarkSpec,
     problems: list[Problem],
     prompts: list[str],
     samples: list[list[str]],
