@@ -16,15 +16,7 @@ from balora.io import atomic_dir, read_rows
 from balora.losses import IGNORE_INDEX
 from balora.prepare import Prepared, load_model_for, prepare
 
-from cli_fixtures import (
-    N_SST2_TRAIN,
-    nlg_experiment,
-    nlu_experiment,
-    save_tiny_bert,
-    save_tiny_llama,
-    write_alpaca,
-    write_sst2,
-)
+import cli_fixtures as fx
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "balora"
 COMMANDS = {"train", "evaluate", "diagnose", "compare", "demo"}
@@ -149,21 +141,21 @@ def test_read_rows_names_file_and_position(tmp_path: Path):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("rundir-assets")
-    train, validation = write_sst2(root / "sst2")
-    return {"root": root, "bert": save_tiny_bert(root / "bert"), "llama": save_tiny_llama(root / "llama"),
-            "train": train, "validation": validation, "alpaca": write_alpaca(root / "alpaca", n=8)}
+    train, validation = fx.write_sst2(root / "sst2")
+    return {"root": root, "bert": fx.save_tiny_bert(root / "bert"), "llama": fx.save_tiny_llama(root / "llama"),
+            "train": train, "validation": validation, "alpaca": fx.write_alpaca(root / "alpaca", n=8)}
 
 
 def test_prepare_nlu_gives_typed_datasets_collator_metrics_and_flipped_rows(assets, tmp_path: Path):
     from balora.data.glue import GLUE_TASKS, load_glue
     from balora.data.noise import apply_label_noise
 
-    config = nlu_experiment(tmp_path, assets["bert"], assets["train"], assets["validation"],
+    config = fx.nlu_experiment(tmp_path, assets["bert"], assets["train"], assets["validation"],
                             data={"label_noise": 0.25})
     experiment, _ = load_experiment(config)
     prepared = prepare(experiment)
     assert isinstance(prepared, Prepared) and prepared.spec is GLUE_TASKS["sst2"]
-    assert len(prepared.train) == N_SST2_TRAIN and list(prepared.eval) == ["validation"]
+    assert len(prepared.train) == fx.N_SST2_TRAIN and list(prepared.eval) == ["validation"]
     splits, _ = load_glue("sst2", train_file=str(assets["train"]), validation_file=str(assets["validation"]), seed=0)
     _, flipped = apply_label_noise(splits["train"], 0.25, 2, 0)
     assert prepared.flipped == flipped and len(flipped) == 10 and prepared.stats["train"]["flipped"] == 10
@@ -183,7 +175,7 @@ def test_prepare_nlu_gives_typed_datasets_collator_metrics_and_flipped_rows(asse
 
 
 def test_prepare_nlg_masks_the_prompt(assets, tmp_path: Path):
-    config = nlg_experiment(tmp_path, assets["llama"], assets["alpaca"])
+    config = fx.nlg_experiment(tmp_path, assets["llama"], assets["alpaca"])
     prepared = prepare(load_experiment(config)[0])
     assert prepared.spec is None and prepared.compute_metrics is None and prepared.eval == {}
     assert len(prepared.train) == 8 and prepared.stats["train"]["kept"] == 8
@@ -199,7 +191,7 @@ def test_run_directory_round_trip(assets, tmp_path: Path, monkeypatch: pytest.Mo
     """Train, then load the run back: the loaded model gives the trained model's logits; the files are complete."""
     import balora.train
 
-    config = nlu_experiment(tmp_path, assets["bert"], assets["train"], assets["validation"],
+    config = fx.nlu_experiment(tmp_path, assets["bert"], assets["train"], assets["validation"],
                             balora={"method": "balora", "r": 2}, training={"learning_rate": 5e-2})
     experiment, _ = load_experiment(config)
     captured = []
