@@ -77,9 +77,11 @@ def claimed(run_dir: Path, *, resume: bool = False, overwrite: bool = False, mai
     """Claim `run_dir` for the run inside the block (see `check_claim`); on an error, remove what a fresh run made.
 
     A failed fresh run that wrote a checkpoint keeps it (and the folder) for --resume. `main=False` (the other
-    processes of a distributed run) checks but creates and removes nothing.
+    processes of a distributed run) neither checks (the main process may already have written there) nor creates
+    or removes anything.
     """
-    check_claim(run_dir, resume=resume, overwrite=overwrite)
+    if main:
+        check_claim(run_dir, resume=resume, overwrite=overwrite)
     if main and not resume:
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
@@ -125,6 +127,7 @@ def write_run(run_dir: Path, *, experiment: Experiment, balora_config: Any, save
     log history, plot, model card, and metrics.json last. Returns the final loss terms."""
     from balora.plots import plot_training_curves
 
+    (run_dir / METRICS).unlink(missing_ok=True)  # a resumed run is unfinished until its new metrics.json is written
     weights = run_dir / (MODEL if balora_config.method == "full" else ADAPTER)
     if weights.exists():  # a resumed run replaces its earlier weights
         shutil.rmtree(weights)
