@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from balora.fused import nlg_fused_loss
+from balora.fused import nlg_fused_loss, nlg_svd_loss
 from balora.losses import nlg_consistency, nlg_diversity, nlg_svd
-from balora.spectral import head_gram_root, hidden_svd_loss, nlg_svd_loss
+from balora.spectral import head_gram_root, hidden_svd_loss
 
 M, V, D = 2048, 49152, 576
 WEIGHTS = dict(consistency_weight=0.025, diversity_weight=0.005, svd_weight=0.005)  # the paper's λ1, λ2, λ3

@@ -39,10 +39,10 @@ def main() -> None:
     methods = {
         "balora exact SVD": lambda m: get_balora_model(m, BALoRAConfig(r=args.rank, target_modules=TARGETS)),
         "balora randomized niter 4": lambda m: get_balora_model(
-            m, BALoRAConfig(r=args.rank, target_modules=TARGETS, svd_niter=4)
+            m, BALoRAConfig(r=args.rank, target_modules=TARGETS, init_niter=4)
         ),
         "balora randomized niter 16": lambda m: get_balora_model(
-            m, BALoRAConfig(r=args.rank, target_modules=TARGETS, svd_niter=16)
+            m, BALoRAConfig(r=args.rank, target_modules=TARGETS, init_niter=16)
         ),
         "peft pissa": lambda m: get_peft_model(
             m, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS, init_lora_weights="pissa")

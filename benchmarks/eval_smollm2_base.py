@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from balora.eval.files import write_json_atomic, write_text_atomic
 from balora.eval.tasks import evaluate_generation
+from balora.io import write_json_atomic, write_text_atomic
 from balora.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"

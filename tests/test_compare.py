@@ -11,7 +11,11 @@ import yaml
 
 from balora import compare as compare_module
 from balora.cli import main
+from balora.diagnose import diagnose_run
 from balora.experiment import ConfigError
+from balora.train import train_experiment
+
+STEPS = {"train": train_experiment, "diagnose": diagnose_run}
 
 GOOD = "good great fine nice happy".split()
 BAD = "bad awful poor sad ugly".split()
@@ -81,7 +85,9 @@ def _metric_by_run(result: dict) -> dict[tuple[str, float, int], float]:
 
 def test_compare_grid_files_and_resume(tiny_setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tiny_setup / "cmp"
-    real_train = compare_module.train_experiment
+    import balora.train
+
+    real_train = train_experiment
     calls: list[str] = []
 
     def crashing(experiment, **kw):  # noqa: ANN001, ANN003, ANN202
@@ -92,7 +98,7 @@ def test_compare_grid_files_and_resume(tiny_setup: Path, monkeypatch: pytest.Mon
             raise RuntimeError("simulated crash")
         return real_train(experiment, **kw)
 
-    monkeypatch.setattr(compare_module, "train_experiment", crashing)
+    monkeypatch.setattr(balora.train, "train_experiment", crashing)  # the step `balora compare` passes
     args = ["compare", str(tiny_setup / "experiment.yaml"), "--methods", "lora,balora", "--seeds", "2",
             "--label-noise", "0,0.25", "--output-dir", str(out)]
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -102,7 +108,7 @@ def test_compare_grid_files_and_resume(tiny_setup: Path, monkeypatch: pytest.Mon
 
     calls.clear()
     counting = lambda experiment, **kw: (calls.append(experiment.output_dir), real_train(experiment, **kw))[1]  # noqa: E731
-    monkeypatch.setattr(compare_module, "train_experiment", counting)
+    monkeypatch.setattr(balora.train, "train_experiment", counting)
     assert main(args) == 0
     assert len(calls) == 6, "the two finished runs must not be redone; the crashed one is redone"
     assert str(out / "lora/noise-0.25/seed-0") in calls  # the crashed (third) run
@@ -149,7 +155,7 @@ def test_compare_refuses_a_changed_config(tiny_setup: Path) -> None:
             "--output-dir", str(out)]
     assert main(base) == 0
     with pytest.raises(ConfigError, match="training.learning_rate = 0.01, now 0.5"):
-        compare_module.compare(tiny_setup / "experiment.yaml", methods=["lora"], seeds=[0], noises=[0.0],
+        compare_module.compare(tiny_setup / "experiment.yaml", **STEPS, methods=["lora"], seeds=[0], noises=[0.0],
                                output_dir=out, overrides=["--training.learning_rate", "0.5"])
 
 
@@ -183,7 +189,7 @@ def test_baseline_methods_override_regularizer_weights(tiny_setup: Path) -> None
 def test_nlu_svd_term_is_inert_with_k5_and_two_classes(tiny_setup: Path) -> None:
     """With the paper's k = 5 and 2 classes the SVD term is the constant −1: balora and balora-nosvd train alike;
     on the pooled features (balora-featsvd) the same k gives a real term that changes training."""
-    result = compare_module.compare(tiny_setup / "experiment.yaml",
+    result = compare_module.compare(tiny_setup / "experiment.yaml", **STEPS,
                                     methods=["balora", "balora-nosvd", "balora-featsvd"], seeds=[0],
                                     noises=[0.25], output_dir=tiny_setup / "svd_ablation",
                                     overrides=["--balora.svd_top_k", "5"])
@@ -200,13 +206,12 @@ def test_full_fine_tuning_runs_trains_every_weight_and_diagnoses_against_the_bas
     import torch
     from transformers import BertForSequenceClassification
 
-    from balora.diagnose import load_run_seeded
-    from balora.evaluate import export_run, pretrained_view
+    from balora.rundir import export_run, load_run, pretrained_view
 
     out = tiny_setup / "full"
     with pytest.raises(ConfigError, match="`full` in --methods"):
         compare_module.plan(tiny_setup / "experiment.yaml", ["lora"], [0], [0.0], out, [], full_learning_rate=1e-3)
-    result = compare_module.compare(tiny_setup / "experiment.yaml", methods=["lora", "full"], seeds=[0],
+    result = compare_module.compare(tiny_setup / "experiment.yaml", **STEPS, methods=["lora", "full"], seeds=[0],
                                     noises=[0.25], output_dir=out, full_learning_rate=1e-3)
     lora_run, full_run = result["runs"]
     run_dir = Path(full_run["run_dir"])
@@ -222,10 +227,10 @@ def test_full_fine_tuning_runs_trains_every_weight_and_diagnoses_against_the_bas
     untrained = [name for name in base_weights if torch.equal(base_weights[name], tuned_weights[name])]
     assert untrained == [], f"full fine-tuning left {untrained} unchanged"
 
-    _, plain, _ = load_run_seeded(run_dir)  # evaluation needs no base model beside it: none is loaded
+    _, plain, _ = load_run(run_dir)  # evaluation needs no base model beside it: none is loaded
     with pytest.raises(ValueError, match="reference=True"), pretrained_view(plain):
         pass
-    _, model, _ = load_run_seeded(run_dir, reference=True)
+    _, model, _ = load_run(run_dir, reference=True)
     with pretrained_view(model) as reference:
         assert reference is not model
         for name, value in reference.state_dict().items():
@@ -257,7 +262,7 @@ def test_nlg_comparison_scores_the_benchmark_and_diagnoses_full_and_adapter_runs
     with pytest.raises(ConfigError, match="label noise applies to classification only"):
         compare_module.plan(config, ["pissa"], [0], [0.2], tmp_path / "x", [])
     result = compare_module.compare(
-        config, methods=["pissa", "full"], seeds=[0], noises=[0.0], output_dir=tmp_path / "cmp",
+        config, **STEPS, methods=["pissa", "full"], seeds=[0], noises=[0.0], output_dir=tmp_path / "cmp",
         eval_task="gsm8k", eval_limit=2, eval_max_new_tokens=4, full_learning_rate=0.05,
         diagnose_options={"drift_file": tmp_path / "train.json", "drift_samples": 4, "generations": 2,
                           "max_new_tokens": 4},

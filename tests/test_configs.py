@@ -17,7 +17,7 @@ import yaml
 
 from balora.cli import DEMO_CONFIG, build_parser
 from balora.experiment import load_experiment
-from balora.run import task_spec_for
+from balora.prepare import task_spec_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"

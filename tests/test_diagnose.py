@@ -14,7 +14,7 @@ import yaml
 
 from balora.diagnose import diagnose_run, distinct_n, effective_rank, fit_shares, label_entropy, mean_kl
 from balora.experiment import load_experiment
-from balora.run import train_experiment
+from balora.train import train_experiment
 from test_compare import tiny_setup  # noqa: F401  (module-scoped fixture: a saved tiny BERT and data)
 
 

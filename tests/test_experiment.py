@@ -152,8 +152,8 @@ def test_wrong_types_name_key_value_and_expected_type(raw, message):
 @pytest.mark.parametrize(
     "sections",
     [
-        {"balora": {"target_modules": "all-linear", "temperature": 2, "svd_niter": None, "alpha": 16}},
-        {"balora": {"target_modules": ["query", "value"], "svd_niter": 4, "method": "pissa"}},
+        {"balora": {"target_modules": "all-linear", "temperature": 2, "init_niter": None, "alpha": 16}},
+        {"balora": {"target_modules": ["query", "value"], "init_niter": 4, "method": "pissa"}},
         {"data": {"text_fields": ["a", "b"], "num_labels": None, "template": "chat", "format": "gsm8k"}},
         {"model": {"dtype": "bfloat16", "trust_remote_code": True}},
         {"training": {"learning_rate": 1, "report_to": ["none"], "seed": 3}},  # an int is a valid float
@@ -257,3 +257,16 @@ def test_help_text_lists_every_key_of_every_section_with_its_help():
     assert "output_dir" in blocks
     assert {ModelSection, DataSection, BALoRAConfig} == set(SECTIONS.values())
     assert "λ1" in next(ln for ln in blocks["balora"] if ln.startswith("  consistency_weight ("))
+
+
+def test_the_old_pissa_init_key_svd_niter_still_works_with_a_warning():
+    """`svd_niter` (PiSSA init) is now `init_niter`, distinct from the loss's `svd_loss_niter`."""
+    with pytest.warns(FutureWarning, match="svd_niter is renamed init_niter"):
+        config = BALoRAConfig(svd_niter=4)
+    assert config.init_niter == 4 and config.svd_niter is None and "svd_niter" not in config.to_dict()
+    with pytest.warns(FutureWarning):
+        experiment = build_experiment(_raw(balora={"svd_niter": 16}))
+    assert experiment.balora.init_niter == 16
+    with pytest.raises(ValueError, match="disagree"):
+        BALoRAConfig(svd_niter=4, init_niter=2)
+    assert BALoRAConfig.from_dict(BALoRAConfig(init_niter=3).to_dict()).init_niter == 3

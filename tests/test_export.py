@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import balora.run
+import balora.train
 from balora.cli import main
 from balora.models import load_model
 
@@ -26,13 +26,13 @@ ATOL = 1e-4  # float32
 def _train_and_capture(monkeypatch_module, config):
     """Run `balora train config` and return the PEFT model it trained (still in memory)."""
     captured = []
-    original = balora.run.get_balora_model
+    original = balora.train.get_balora_model
 
     def capture(*args, **kwargs):
         captured.append(original(*args, **kwargs))
         return captured[-1]
 
-    monkeypatch_module.setattr(balora.run, "get_balora_model", capture)
+    monkeypatch_module.setattr(balora.train, "get_balora_model", capture)
     assert main(["train", str(config)]) == 0
     monkeypatch_module.undo()
     (model,) = captured

@@ -63,7 +63,7 @@ def test_model_outputs_unchanged_after_pissa_init(arch, niter):
     inputs = _inputs(model)
     with torch.no_grad():
         expected = original(**inputs).logits
-    peft_model = get_balora_model(model, BALoRAConfig(r=4, alpha=8, svd_niter=niter)).eval()
+    peft_model = get_balora_model(model, BALoRAConfig(r=4, alpha=8, init_niter=niter)).eval()
     with torch.no_grad():
         got = peft_model(**inputs).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from balora import spectral
+from balora.fused import nlg_svd_loss
 from balora.losses import nlg_svd, nlg_valid_mask
-from balora.spectral import clear_head_cache, head_gram_root, hidden_svd_loss, nlg_svd_loss, top_singular
+from balora.spectral import clear_head_cache, head_gram_root, hidden_svd_loss, top_singular
 
 IGNORE = -100
 

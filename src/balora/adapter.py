@@ -129,7 +129,7 @@ def get_balora_model(model: torch.nn.Module, config: BALoRAConfig) -> PeftModel:
         layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
         for index, layer in enumerate(layers):
             apply_pissa(
-                layer, ADAPTER, niter=config.svd_niter, oversample=config.init_oversample, seed=config.seed + index
+                layer, ADAPTER, niter=config.init_niter, oversample=config.init_oversample, seed=config.seed + index
             )
     _add_teacher_adapter(peft_model, lora)
     peft_model.balora_config = config

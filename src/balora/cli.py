@@ -1,53 +1,63 @@
-"""The `balora` command: train, eval, export and demo (also `python -m balora ...`).
+"""The `balora` command (also `python -m balora ...`): argparse lives here, and only here; every command below it
+takes typed arguments and returns data, which this module prints.
 
-    balora train CONFIG.yaml [--resume] [--section.key value ...]
+    balora train CONFIG.yaml [--resume | --overwrite] [--section.key value ...]
     balora eval CONFIG.yaml | --run RUN_DIR [--task gsm8k|math|mbpp|humaneval|perplexity] [--samples FILE]
     balora export RUN_DIR --to lora|merged OUT
-    balora demo [--output-dir DIR]
+    balora compare CONFIG.yaml --methods lora,pissa,balora --seeds 3 [--label-noise 0,0.2,0.4]
+    balora diagnose RUN_DIR
+    balora demo [--output-dir DIR] [--overwrite]
 
-Errors in the input (a bad config key, a malformed data row, a missing model) print one clear message and exit 2;
-a failure while running exits 1; Ctrl-C exits 130 and a training run continues with --resume.
+Errors in the input (a bad config key or value, a malformed or missing data file, a missing model, an output folder
+that is taken) print one message naming the problem and the fix, and exit 2; a failure while running exits 1;
+Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from balora.io import REPO_ROOT
+
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
-GENERATION_TASKS = ("gsm8k", "math", "mbpp", "humaneval", "perplexity")
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
-    from balora.data.records import DataError
     from balora.experiment import ConfigError
+    from balora.io import DataError
     from balora.models import ModelLoadError
 
-    return (ConfigError, DataError, ModelLoadError, FileNotFoundError, FileExistsError)
+    return (ConfigError, DataError, ModelLoadError)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from balora.compare import METHODS
+    from balora.eval.problems import TASKS
     from balora.experiment import help_text
 
+    benchmarks = tuple(TASKS)  # the CLI's choices are the registries' keys
+    generation = tuple(name for name, spec in TASKS.items() if spec.kind != "perplexity")
     parser = argparse.ArgumentParser(prog="balora", description="BA-LoRA fine-tuning for Hugging Face models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(
         "train", help="fine-tune from a YAML experiment", epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="balora train CONFIG.yaml [--resume] [--section.key value ...]",
+        usage="balora train CONFIG.yaml [--resume | --overwrite] [--section.key value ...]",
     )
     train.add_argument("config", help="experiment YAML file (see configs/)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    train.add_argument("--overwrite", action="store_true", help="delete the run already in output_dir, then train "
+                       "(without it a non-empty output_dir is refused)")
 
     ev = sub.add_parser("eval", help="evaluate a run, a base model, or completions made elsewhere")
     ev.add_argument("config", nargs="?", help="experiment YAML (evaluates the base model, no adapter)")
     ev.add_argument("--run", help="a run directory written by `balora train` (base model + its adapter)")
-    ev.add_argument("--task", choices=GENERATION_TASKS, help="NLG benchmark; default: the config's validation split")
+    ev.add_argument("--task", choices=benchmarks, help="NLG benchmark; default: the config's validation split")
     ev.add_argument("--samples", help="score this JSONL of completions (task_id, completion); loads no model")
     ev.add_argument("--data-file", help="benchmark data file (default: the bundled copy where there is one)")
     ev.add_argument("--limit", type=int, help="evaluate the first N problems only")
@@ -61,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir", help="a run directory written by `balora train`")
     ex.add_argument("--to", choices=("lora", "merged"), required=True, help="lora: PEFT adapter on the original "
                     "base (rank 2r for PiSSA); merged: a full model with the adapter merged in")
-    ex.add_argument("out", help="output folder")
+    ex.add_argument("out", help="output folder (missing or empty)")
 
     cmp = sub.add_parser(
         "compare", help="methods × seeds × label noise from one experiment, with diagnostics (resumable)",
@@ -69,15 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
               "[--output-dir DIR] [--section.key value ...]",
     )
     cmp.add_argument("config", help="experiment YAML file (see configs/compare/)")
-    cmp.add_argument("--methods", default="lora,pissa,balora", help="comma list of lora, pissa, balora, "
-                     "balora-nosvd (balora without the SVD term), balora-featsvd (NLU: the SVD term on the pooled "
-                     "features), full (full fine-tuning); default lora,pissa,balora")
+    cmp.add_argument("--methods", default="lora,pissa,balora", help=f"comma list of {', '.join(METHODS)} "
+                     "(balora-nosvd: balora without the SVD term; balora-featsvd, NLU: the SVD term on the pooled "
+                     "features; full: full fine-tuning); default lora,pissa,balora")
     cmp.add_argument("--full-learning-rate", type=float, help="learning rate of the `full` runs only (full "
                      "fine-tuning usually needs a 10-100x smaller one); default: the experiment's")
     cmp.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma list of seeds (default 3)")
     cmp.add_argument("--label-noise", default="0", help="comma list of label-noise rates (default 0)")
     cmp.add_argument("--output-dir", help="where runs and comparison.{md,json,png} go (default: the config's)")
-    cmp.add_argument("--eval-task", choices=GENERATION_TASKS[:-1], help="NLG: benchmark scored after each run")
+    cmp.add_argument("--eval-task", choices=generation, help="NLG: benchmark scored after each run")
     cmp.add_argument("--eval-limit", type=int, help="NLG: first N benchmark problems only")
     cmp.add_argument("--eval-max-new-tokens", type=int, help="NLG: generation length (default: the task's)")
     cmp.add_argument("--drift-samples", type=int, default=64, help="NLG: Alpaca rows for the drift (default 64)")
@@ -91,7 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="offline demo: PiSSA vs BA-LoRA on MiniLM + SST-2 (a few minutes on a CPU)")
     demo.add_argument("--config", default=str(DEMO_CONFIG), help="demo experiment (default configs/demo.yaml)")
     demo.add_argument("--output-dir", default="runs/demo", help="where the two runs and plots go")
+    demo.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier demo there")
     return parser
+
+
+_INTERRUPTED = {
+    "train": "with a checkpoint written, run the same command with --resume to continue from it (a run without one "
+             "leaves nothing behind)",
+    "compare": "run the same command again: finished runs are kept, the unfinished one is redone",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,23 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("train", "compare"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    commands = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "compare": cmd_compare,
+                "diagnose": cmd_diagnose, "demo": cmd_demo}
     try:
-        if args.command == "train":
-            return cmd_train(args, rest)
-        if args.command == "eval":
-            return cmd_eval(args)
-        if args.command == "export":
-            return cmd_export(args)
-        if args.command == "compare":
-            return cmd_compare(args, rest, argv)
-        if args.command == "diagnose":
-            return cmd_diagnose(args)
-        return cmd_demo(args)
+        return commands[args.command](args, rest, argv)
     except KeyboardInterrupt:
-        hint = {
-            "train": "run the same command with --resume to continue from the last checkpoint",
-            "compare": "run the same command again: finished runs are kept, the unfinished one is redone",
-        }.get(args.command, "nothing was written for the unfinished step")
+        hint = _INTERRUPTED.get(args.command, "nothing was written for the unfinished step")
         print(f"\nbalora: interrupted; {hint}", file=sys.stderr)
         return 130
     except _input_errors() as error:
@@ -124,16 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+def cmd_train(args: argparse.Namespace, overrides: list[str], argv: Any = None) -> int:
     import yaml
 
     from balora.experiment import load_experiment
-    from balora.run import train_experiment
+    from balora.train import train_experiment
 
     experiment, _ = load_experiment(args.config, overrides)
     print("# resolved experiment\n" + yaml.safe_dump(experiment.to_dict(), sort_keys=False), flush=True)
-    result = train_experiment(experiment, resume=args.resume)
-    print(f"balora: done. {_headline(result['metrics'])}; run written to {result['run_dir']}")
+    result = train_experiment(experiment, resume=args.resume, overwrite=args.overwrite)
+    print(f"balora: done. {_headline(result.metrics)}; run written to {result.run_dir}")
     return 0
 
 
@@ -143,54 +150,72 @@ def _headline(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} = {v:.4f}" for k, v in shown.items()) or "no validation split"
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from balora.evaluate import evaluate_command
+def cmd_eval(args: argparse.Namespace, rest: Any = None, argv: Any = None) -> int:
+    from balora.evaluate import evaluate, score_completions
+    from balora.experiment import ConfigError
 
-    result = evaluate_command(args)
-    print(f"balora: {result}")
+    if args.samples:
+        if not args.task or args.task == "perplexity":
+            raise ConfigError("--samples needs --task gsm8k, math, mbpp or humaneval (the benchmark they answer)")
+        result = score_completions(args.task, args.samples, data_file=args.data_file, output_dir=args.output_dir)
+    else:
+        result = evaluate(run=args.run, config=args.config, task=args.task, data_file=args.data_file,
+                          limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          n_samples=args.n_samples, temperature=args.temperature, output_dir=args.output_dir)
+    if args.task:
+        keys = [k for k in result.figures if k.startswith(("accuracy", "pass@", "perplexity"))]
+        shown = ", ".join(f"{k} = {result.figures[k]:.4f}" for k in keys)
+        print(f"balora: {args.task}: {shown}; results in {result.out_dir}")
+    else:
+        shown = ", ".join(f"{k} = {v:.4f}" for k, v in result.figures.items()
+                          if isinstance(v, float) and "runtime" not in k and "per_second" not in k)
+        print(f"balora: {shown}; metrics in {result.out_dir / 'metrics.json'}")
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from balora.evaluate import export_run
+def cmd_export(args: argparse.Namespace, rest: Any = None, argv: Any = None) -> int:
+    from balora.rundir import export_run
 
-    out = export_run(Path(args.run_dir), args.to, Path(args.out))
+    out = export_run(args.run_dir, args.to, args.out)
     print(f"balora: exported {args.to} to {out}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace, overrides: list[str], argv: list[str] | None) -> int:
     from balora.compare import compare, parse_methods, parse_noise, parse_seeds
+    from balora.diagnose import diagnose_run
+    from balora.train import train_experiment
 
     words = sys.argv[1:] if argv is None else argv
     result = compare(
-        args.config, methods=parse_methods(args.methods), seeds=parse_seeds(args.seeds),
-        noises=parse_noise(args.label_noise), output_dir=args.output_dir, overrides=overrides,
-        eval_task=args.eval_task, eval_limit=args.eval_limit, eval_max_new_tokens=args.eval_max_new_tokens,
-        diagnose_options={"drift_samples": args.drift_samples}, command=" ".join(["balora", *words]),
-        full_learning_rate=args.full_learning_rate,
+        args.config, train=train_experiment, diagnose=diagnose_run, methods=parse_methods(args.methods),
+        seeds=parse_seeds(args.seeds), noises=parse_noise(args.label_noise), output_dir=args.output_dir,
+        overrides=overrides, eval_task=args.eval_task, eval_limit=args.eval_limit,
+        eval_max_new_tokens=args.eval_max_new_tokens, diagnose_options={"drift_samples": args.drift_samples},
+        command=" ".join(["balora", *words]), full_learning_rate=args.full_learning_rate,
     )
     print(f"balora: compared {len(result['runs'])} runs; comparison.md, .json and .png in {result['output_dir']}")
     return 0
 
 
-def cmd_diagnose(args: argparse.Namespace) -> int:
-    import json
-
+def cmd_diagnose(args: argparse.Namespace, rest: Any = None, argv: Any = None) -> int:
     from balora.diagnose import diagnose_run
+    from balora.rundir import DIAGNOSTICS
 
-    result = diagnose_run(Path(args.run_dir), drift_file=args.drift_file, drift_samples=args.drift_samples,
+    result = diagnose_run(args.run_dir, drift_file=args.drift_file, drift_samples=args.drift_samples,
                           batch_size=args.batch_size)
-    shown = {k: v for k, v in result.items() if k != "samples"}
-    print(json.dumps(shown, indent=1))
-    print(f"balora: diagnostics written to {Path(args.run_dir) / 'diagnostics.json'}")
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
+    print(f"balora: diagnostics written to {args.run_dir}/{DIAGNOSTICS}")
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from balora.demo import run_demo
+def cmd_demo(args: argparse.Namespace, rest: Any = None, argv: Any = None) -> int:
+    from pathlib import Path
 
-    run_demo(Path(args.config), Path(args.output_dir))
+    from balora.demo import run_demo
+    from balora.train import train_experiment
+
+    run_demo(Path(args.config), Path(args.output_dir), train=train_experiment, overwrite=args.overwrite)
     return 0
 
 

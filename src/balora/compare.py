@@ -1,32 +1,32 @@
 """`balora compare`: methods × seeds × label-noise levels from one experiment, everything else identical.
 
 Each run is the experiment with only `balora.method` (and, for variants, a loss weight), `training.seed`,
-`data.label_noise` and `output_dir` changed, trained one after another by `train_experiment` into
-OUTPUT/<method>/noise-<p>/seed-<s>/. A run whose metrics.json exists is finished and never redone (its config must
-match, or the comparison stops); an unfinished run directory is deleted and the run trained again from scratch.
-After training, each run gets its diagnostics (`balora.diagnose`) and, with `eval_task`, a generation benchmark.
-OUTPUT gets comparison.json (every run's figures), comparison.md (mean ± std over seeds) and comparison.png.
+`data.label_noise` and `output_dir` changed, trained one after another into OUTPUT/<method>/noise-<p>/seed-<s>/.
+A run whose metrics.json exists is finished and never redone (its config must match, or the comparison stops); an
+unfinished run directory is deleted and the run trained again from scratch. After training, each run gets its
+diagnostics and, with `eval_task`, a generation benchmark. OUTPUT gets comparison.json (every run's figures),
+comparison.md (mean ± std over seeds) and comparison.png.
+
+The steps are given, not imported: `train(experiment, overwrite=True)` and `diagnose(run_dir, **options)` (the CLI
+passes `balora.train.train_experiment` and `balora.diagnose.diagnose_run`), so the commands stand side by side.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
-import shutil
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from balora.diagnose import DIAGNOSTICS_FILE, diagnose_run
-from balora.eval.files import write_json_atomic, write_text_atomic
-from balora.experiment import ConfigError, Experiment, load_experiment
+from balora import rundir
+from balora.experiment import ConfigError, Experiment, load_experiment, load_yaml
+from balora.io import read_text, write_json_atomic, write_text_atomic
 from balora.plots import _pyplot, _save
-from balora.run import train_experiment
 
 # method name -> overrides on top of the experiment. Baselines get explicit zero weights so that a config written
 # for balora (with weights set) also runs them.
@@ -125,7 +125,7 @@ def _same_config(run_dir: Path, raw: dict[str, Any]) -> None:
 
     Library defaults are not compared: a default changed in a newer balora does not invalidate finished runs.
     """
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    saved = load_yaml(read_text(run_dir / rundir.CONFIG, "run config")) or {}
     for section, values in raw.items():
         if section == "output_dir" or not isinstance(values, dict):
             continue
@@ -138,46 +138,45 @@ def _same_config(run_dir: Path, raw: dict[str, Any]) -> None:
                 )
 
 
-def run_one(spec: RunSpec, experiment: Experiment, raw: dict[str, Any], *, eval_task: str | None,
-            eval_limit: int | None, eval_max_new_tokens: int | None,
+Train = Callable[..., Any]  # train(experiment, *, overwrite: bool) writes the run directory
+Diagnose = Callable[..., Any]  # diagnose(run_dir, **options) writes run_dir/diagnostics.json
+
+
+def run_one(spec: RunSpec, experiment: Experiment, raw: dict[str, Any], *, train: Train, diagnose: Diagnose,
+            eval_task: str | None, eval_limit: int | None, eval_max_new_tokens: int | None,
             diagnose_options: dict[str, Any]) -> dict[str, Any]:
     """Train (unless finished), evaluate and diagnose one run; returns its figures."""
     run_dir = Path(experiment.output_dir)
-    reused = (run_dir / "metrics.json").is_file()
+    reused = rundir.is_finished(run_dir)
     if reused:
         _same_config(run_dir, raw)
     else:
-        if run_dir.exists():  # an interrupted run: start it again from scratch
-            shutil.rmtree(run_dir)
         start = time.perf_counter()
-        train_experiment(experiment)
+        train(experiment, overwrite=True)  # an interrupted run is deleted and trained again from scratch
         write_json_atomic(run_dir / RUN_INFO, {"wall_seconds": round(time.perf_counter() - start, 2)})
     if eval_task and not (run_dir / f"eval-{eval_task}" / "summary.json").is_file():
         _generation_eval(run_dir, eval_task, eval_limit, eval_max_new_tokens)
-    if not (run_dir / DIAGNOSTICS_FILE).is_file():
-        diagnose_run(run_dir, **diagnose_options)
+    if not (run_dir / rundir.DIAGNOSTICS).is_file():
+        diagnose(run_dir, **diagnose_options)
     return collect(spec, run_dir, eval_task, reused)
 
 
 def _generation_eval(run_dir: Path, task: str, limit: int | None, max_new_tokens: int | None) -> None:
-    from balora.diagnose import load_run_seeded
     from balora.eval.tasks import evaluate_generation
 
-    experiment, model, tokenizer = load_run_seeded(run_dir)
+    experiment, model, tokenizer = rundir.load_run(run_dir)
     evaluate_generation(model, tokenizer, task, out_dir=run_dir / f"eval-{task}", limit=limit,
                         max_new_tokens=max_new_tokens, template=experiment.data.template, progress=False)
 
 
 def _read(path: Path) -> Any:
-    import json
-
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(read_text(path)) if path.is_file() else None
 
 
 def collect(spec: RunSpec, run_dir: Path, eval_task: str | None, reused: bool) -> dict[str, Any]:
     """One run's figures from its directory."""
-    metrics = _read(run_dir / "metrics.json")
-    diagnostics = {k: v for k, v in (_read(run_dir / DIAGNOSTICS_FILE) or {}).items() if k != "samples"}
+    metrics = _read(run_dir / rundir.METRICS)
+    diagnostics = {k: v for k, v in (_read(run_dir / rundir.DIAGNOSTICS) or {}).items() if k != "samples"}
     info = _read(run_dir / RUN_INFO) or {}
     figures = {"method": spec.method, "noise": spec.noise, "seed": spec.seed, "run_dir": str(run_dir),
                "reused": reused, "metrics": metrics["metrics"], "final_terms": metrics.get("final_terms", {}),
@@ -231,9 +230,9 @@ def machine() -> str:
             f"(torch threads {torch.get_num_threads()}), {device}, torch {torch.__version__}")
 
 
-def compare(config: str | Path, *, methods: Sequence[str], seeds: Sequence[int], noises: Sequence[float],
-            output_dir: str | Path | None = None, overrides: Sequence[str] = (), eval_task: str | None = None,
-            eval_limit: int | None = None, eval_max_new_tokens: int | None = None,
+def compare(config: str | Path, *, train: Train, diagnose: Diagnose, methods: Sequence[str], seeds: Sequence[int],
+            noises: Sequence[float], output_dir: str | Path | None = None, overrides: Sequence[str] = (),
+            eval_task: str | None = None, eval_limit: int | None = None, eval_max_new_tokens: int | None = None,
             diagnose_options: dict[str, Any] | None = None, command: str = "",
             full_learning_rate: float | None = None) -> dict[str, Any]:
     """Run (or resume) the whole comparison and write comparison.{json,md,png}; returns comparison.json's content."""
@@ -250,7 +249,8 @@ def compare(config: str | Path, *, methods: Sequence[str], seeds: Sequence[int],
     }
     for index, (spec, experiment, raw) in enumerate(runs, start=1):
         print(f"balora compare: run {index}/{len(runs)}: {spec.subdir()}", flush=True)
-        result["runs"].append(run_one(spec, experiment, raw, eval_task=eval_task, eval_limit=eval_limit,
+        result["runs"].append(run_one(spec, experiment, raw, train=train, diagnose=diagnose,
+                                      eval_task=eval_task, eval_limit=eval_limit,
                                       eval_max_new_tokens=eval_max_new_tokens,
                                       diagnose_options=diagnose_options or {}))
         write_json_atomic(out / "comparison.json", result)  # progress so far

@@ -14,18 +14,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from balora.eval.files import write_json_atomic
+from balora.io import write_json_atomic
 
 Method = Literal["lora", "pissa", "balora", "full"]
 Task = Literal["nlu", "nlg"]
 InitMethod = Literal["lora", "pissa"]
 ConsistencySchedule = Literal["constant", "cosine"]
 RegularizerSchedule = Literal["constant", "two_phase"]
-SvdMethod = Literal["auto", "randomized", "exact", "hidden"]
+SvdLossMethod = Literal["auto", "randomized", "exact", "hidden"]
 LossImpl = Literal["fused", "reference"]
 SvdInput = Literal["logits", "features"]
 Preset = Literal["default", "paper"]
@@ -87,7 +88,7 @@ class BALoRAConfig:
     init: InitMethod | None = field(
         default=None, metadata={"help": "Adapter init: lora (B = 0) or pissa (top-r SVD). None: from method."}
     )
-    svd_niter: int | None = field(
+    init_niter: int | None = field(
         default=None,
         metadata={"help": "PiSSA init: None = exact SVD; an int = randomized SVD with that many power iterations."},
     )
@@ -108,7 +109,7 @@ class BALoRAConfig:
         },
     )
     svd_loss_niter: int = field(default=2, metadata={"help": "NLG randomized SVD term: power iterations."})
-    svd_method: SvdMethod = field(
+    svd_method: SvdLossMethod = field(
         default="auto",
         metadata={
             "help": "NLG SVD term: randomized (paper), exact on the logits, hidden (exact from the final hidden "
@@ -166,6 +167,10 @@ class BALoRAConfig:
         },
     )
 
+    svd_niter: int | None = field(
+        default=None, metadata={"help": "Deprecated: the old name of init_niter (read into it, with a warning)."}
+    )
+
     def __post_init__(self) -> None:
         _check_choice("method", self.method, ("lora", "pissa", "balora", "full"))
         if self.method == "full" and self.init is not None:
@@ -204,8 +209,15 @@ class BALoRAConfig:
         _check_int("entropy_top_k", self.entropy_top_k, 1)
         _check_int("svd_oversample", self.svd_oversample, 0)
         _check_int("svd_loss_niter", self.svd_loss_niter, 0)
-        if self.svd_niter is not None:
-            _check_int("svd_niter", self.svd_niter, 0)
+        if self.svd_niter is not None:  # the old name of init_niter (the loss's is svd_loss_niter)
+            if self.init_niter is not None and self.init_niter != self.svd_niter:
+                raise ValueError(f"svd_niter={self.svd_niter!r} and init_niter={self.init_niter!r} disagree; "
+                                 "svd_niter is the old name of init_niter: keep init_niter only")
+            warnings.warn("BALoRAConfig.svd_niter is renamed init_niter (the PiSSA init's power iterations); "
+                          "svd_niter will be removed", FutureWarning, stacklevel=3)
+            self.init_niter, self.svd_niter = self.svd_niter, None
+        if self.init_niter is not None:
+            _check_int("init_niter", self.init_niter, 0)
         if self.svd_top_k is not None:
             _check_int("svd_top_k", self.svd_top_k, 1)
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
@@ -296,7 +308,9 @@ class BALoRAConfig:
 
     # ------------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        del values["svd_niter"]  # deprecated, always None once read into init_niter
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BALoRAConfig:

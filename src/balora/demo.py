@@ -1,17 +1,24 @@
 """`balora demo`: PiSSA and BA-LoRA on the same data with the same seed, side by side with a linear probe on the frozen
-model's features (the cheapest honest baseline), fully offline."""
+model's features (the cheapest honest baseline), fully offline.
+
+The training step is given (`train(experiment, overwrite=...)`; the CLI passes `balora.train.train_experiment`), so
+that the demo does not import another command.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from balora.eval.files import write_json_atomic
+from balora import rundir
 from balora.experiment import load_experiment
+from balora.io import read_text, write_json_atomic, write_text_atomic
+from balora.losses import LOSS_TERMS
 from balora.plots import plot_metric_bars, plot_training_curves
-from balora.run import train_experiment
 
 METHODS = ("pissa", "balora")
 PROBE = "linear probe (frozen)"
@@ -19,41 +26,45 @@ PROBE = "linear probe (frozen)"
 
 def run_probe(config: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """The frozen model's linear probe on the same training and validation rows as the runs (`balora.probe`)."""
-    from transformers import set_seed
-
+    from balora.prepare import prepare
     from balora.probe import linear_probe
-    from balora.run import load_model_for, prepare_data, task_spec_for
 
     experiment, _ = load_experiment(config, list(overrides or []))
-    args = experiment.training_arguments()
-    set_seed(args.seed)
-    spec = task_spec_for(experiment)
-    model, tokenizer = load_model_for(experiment, spec)
-    prepared = prepare_data(experiment, tokenizer, None, args.seed)
+    prepared = prepare(experiment)
     start = time.perf_counter()
-    result = linear_probe(model, prepared["train"], prepared["eval"]["validation"], prepared["collator"], spec)
+    p = prepared
+    result = linear_probe(p.model, p.train, p.eval["validation"], p.collator, p.spec)
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["final_terms"] = {}
     return result
 
 
-def run_demo(config: Path, output_dir: Path) -> dict[str, Any]:
-    """Train each method of METHODS from `config`, print a table and write plots and a summary to `output_dir`."""
+def run_demo(config: Path, output_dir: Path, *, train: Callable[..., Any], overwrite: bool = False) -> dict[str, Any]:
+    """Train each method of METHODS from `config`, print a table and write plots and a summary to `output_dir`.
+
+    The runs go to OUTPUT_DIR/<method>; an earlier demo there is refused unless `overwrite` (checked for every
+    method before the first one trains).
+    """
+    experiments = {
+        method: load_experiment(config, ["--balora.method", method, "--output_dir", str(output_dir / method)])[0]
+        for method in METHODS
+    }
+    for experiment in experiments.values():
+        rundir.check_claim(Path(experiment.output_dir), overwrite=overwrite)
     results: dict[str, Any] = {}
     histories: dict[str, Any] = {}
-    for method in METHODS:
-        experiment, _ = load_experiment(config, ["--balora.method", method, "--output_dir", str(output_dir / method)])
+    for method, experiment in experiments.items():
         print(
             f"\n=== {method}: {experiment.model.name} on {experiment.data.task} "
             f"({experiment.data.max_train_samples or 'all'} training rows) ===",
             flush=True,
         )
         start = time.perf_counter()
-        result = train_experiment(experiment)
+        result = dataclasses.asdict(train(experiment, overwrite=overwrite))
         result["seconds"] = round(time.perf_counter() - start, 1)
         results[method] = result
 
-        histories[method] = json.loads((output_dir / method / "log_history.json").read_text())
+        histories[method] = json.loads(read_text(output_dir / method / rundir.LOG_HISTORY))
     print(f"\n=== {PROBE}: logistic regression on the frozen model's pooled features, same rows ===", flush=True)
     probe = run_probe(config)
     metric = _main_metric(results[METHODS[0]]["metrics"])
@@ -66,7 +77,7 @@ def run_demo(config: Path, output_dir: Path) -> dict[str, Any]:
         metric=metric,
         title="validation " + metric.removeprefix("eval_"),
     )
-    (output_dir / "demo_table.md").write_text(table + "\n")
+    write_text_atomic(output_dir / "demo_table.md", table + "\n")
     write_json_atomic(output_dir / "demo_summary.json", {**results, "linear_probe": probe})
     print(f"\nbalora demo: plots and runs written to {output_dir}/ (demo_losses.png, demo_accuracy.png)")
     return results
@@ -80,7 +91,7 @@ def _main_metric(metrics: dict[str, Any]) -> str:
 
 
 def format_table(results: dict[str, Any], metric: str) -> str:
-    terms = ("task_loss", "consistency_loss", "diversity_loss", "svd_loss")
+    terms = LOSS_TERMS
     header = f"| method | {metric.removeprefix('eval_')} | " + " | ".join(terms) + " | time (s) |"
     lines = [header, "|" + "---|" * (len(terms) + 3)]
     for method, result in results.items():

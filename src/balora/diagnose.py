@@ -10,8 +10,8 @@
 
 The pre-trained model is the run's PeftModel under `disable_adapter()`: the saved adapter is a plain LoRA on the
 original weights (rank 2r for PiSSA runs), so disabling it gives W exactly, and for classification the original head,
-whose random initialisation is reproduced by seeding as `train_experiment` does before loading the base model. For a
-full fine-tuning run it is the base model loaded (and seeded) beside the fine-tuned one (`evaluate.pretrained_view`).
+whose random initialisation is reproduced by seeding as training did before loading the base model. For a full
+fine-tuning run it is the base model loaded (and seeded) beside the fine-tuned one (`rundir.pretrained_view`).
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor
 
-from balora.eval.files import write_json_atomic
-from balora.evaluate import pretrained_view
+from balora import rundir
+from balora.experiment import ConfigError
+from balora.io import DataError, data_dir, read_text, write_json_atomic
+from balora.losses import nlg_valid_mask
+from balora.prepare import prepare, training_seed
+from balora.rundir import pretrained_view
 
-DIAGNOSTICS_FILE = "diagnostics.json"
 MAX_RANK_ROWS = 512  # rows (examples or tokens) used for the effective ranks; an SVD of (512, V) stays cheap
 
 
@@ -137,20 +139,13 @@ def classifier_pass(model: torch.nn.Module, dataset: Any, collator: Any, *, batc
 
 
 def nlu_diagnostics(experiment: Any, model: Any, tokenizer: Any, run_dir: Path, batch_size: int) -> dict[str, Any]:
-    from transformers import DataCollatorWithPadding
-
-    from balora.data.glue import load_glue, tokenize_glue
-    from balora.data.noise import apply_label_noise
-    from balora.run import task_spec_for
-
-    spec = task_spec_for(experiment)
+    prepared = prepare(experiment, model=model, tokenizer=tokenizer)  # the run's data, subset and flipped labels
+    spec, collator = prepared.spec, prepared.collator
     if spec.regression:
-        raise ValueError(f"diagnose covers classification tasks; {spec.name!r} is a regression task")
-    data, seed = experiment.data, int(experiment.training.get("seed", 42))
-    splits, _ = load_glue(spec, train_file=data.train_file, validation_file=data.validation_file,
-                          max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples, seed=seed)
-    collator = DataCollatorWithPadding(tokenizer)
-    val = tokenize_glue(splits[spec.validation_splits[0]], tokenizer, spec, data.max_length)
+        raise ConfigError(f"diagnose covers classification tasks; {spec.name!r} is a regression task")
+    if not prepared.eval:
+        raise ConfigError("diagnose needs a validation split; set data.validation_file")
+    val = next(iter(prepared.eval.values()))
     logits, features = classifier_pass(model, val, collator, batch_size=batch_size)
     pre_logits, pre_features = classifier_pass(model, val, collator, batch_size=batch_size, pretrained=True)
     predicted = logits.argmax(-1).numpy()
@@ -166,26 +161,23 @@ def nlu_diagnostics(experiment: Any, model: Any, tokenizer: Any, run_dir: Path, 
         "features_effective_rank": effective_rank(features[:MAX_RANK_ROWS]),
         "pretrained_features_effective_rank": effective_rank(pre_features[:MAX_RANK_ROWS]),
     }
-    train = splits["train"]
-    flipped: list[int] = []
-    if data.label_noise > 0:
-        train, flipped = apply_label_noise(train, data.label_noise, spec.num_labels, seed, label_field="label")
-        _check_flipped(run_dir, flipped)
-    encoded = tokenize_glue(train, tokenizer, spec, data.max_length)
+    if experiment.data.label_noise > 0:
+        _check_flipped(run_dir, prepared.flipped)
+    encoded = prepared.train
     train_logits, _ = classifier_pass(model, encoded, collator, batch_size=batch_size)
-    result.update(fit_shares(train_logits.argmax(-1).tolist(), encoded["labels"], flipped))
-    result["label_noise"] = data.label_noise
+    result.update(fit_shares(train_logits.argmax(-1).tolist(), encoded["labels"], prepared.flipped))
+    result["label_noise"] = experiment.data.label_noise
     return result
 
 
 def _check_flipped(run_dir: Path, flipped: list[int]) -> None:
     """The rows flipped now must be those the run trained on (same seed, subset and p): else the figures lie."""
-    path = run_dir / "flipped_rows.json"
+    path = run_dir / rundir.FLIPPED
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the run has label noise but no record of its flipped rows")
-    saved = json.loads(path.read_text())["flipped_indices"]
+        raise DataError(f"{path} is missing: the run has label noise but no record of its flipped rows")
+    saved = json.loads(read_text(path))["flipped_indices"]
     if saved != flipped:
-        raise ValueError(f"{path} does not match the rows flipped by the run's config (seed, subset, p); "
+        raise DataError(f"{path} does not match the rows flipped by the run's config (seed, subset, p); "
                          "the data files changed since training")
 
 
@@ -202,13 +194,13 @@ def nlg_drift(model: Any, dataset: Any, collator: Any, *, batch_size: int = 4) -
     rows_hidden: list[Tensor] = []
     for batch in _batches(dataset, collator, batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")[:, 1:]
-        mask = labels != -100  # (B, T-1): positions whose next token is supervised
+        labels = batch.pop("labels")
+        mask = nlg_valid_mask(labels)  # (B, T): positions whose next token is supervised
         out = model(**batch, output_hidden_states=True)
         with pretrained_view(model) as reference:
-            pre = reference(**batch).logits[:, :-1][mask].float()  # (M, V)
-        ft = out.logits[:, :-1][mask].float()  # (M, V)
-        target = labels[mask]
+            pre = reference(**batch).logits[mask].float()  # (M, V)
+        ft = out.logits[mask].float()  # (M, V)
+        target = labels[:, 1:][mask[:, :-1]]  # (M,): the token each valid position predicts
         kl_sum += float(mean_kl(pre, ft)) * ft.shape[0]
         nll_ft += float(F.cross_entropy(ft, target, reduction="sum"))
         nll_pre += float(F.cross_entropy(pre, target, reduction="sum"))
@@ -216,7 +208,7 @@ def nlg_drift(model: Any, dataset: Any, collator: Any, *, batch_size: int = 4) -
         room = MAX_RANK_ROWS - sum(r.shape[0] for r in rows_logits)
         if room > 0:
             rows_logits.append(ft[:room].cpu())
-            rows_hidden.append(out.hidden_states[-1][:, :-1][mask][:room].float().cpu())
+            rows_hidden.append(out.hidden_states[-1][mask][:room].float().cpu())
     if tokens == 0:
         raise ValueError("no supervised tokens in the drift data; raise data.max_length")
     ppl_ft, ppl_pre = math.exp(nll_ft / tokens), math.exp(nll_pre / tokens)
@@ -259,7 +251,7 @@ def nlg_diagnostics(experiment: Any, model: Any, tokenizer: Any, *, drift_file: 
     result.update(nlg_drift(model, encoded, CausalLMCollator(tokenizer.pad_token_id), batch_size=batch_size))
     prompts = [render_prompt(i, x or None, template=template, tokenizer=tokenizer) + response_prefix(template)
                for i, x in zip(rows["instruction"][:generations], rows["input"][:generations], strict=True)]
-    seed = int(experiment.training.get("seed", 42))
+    seed = training_seed(experiment)
     texts = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
     with pretrained_view(model) as reference:
         pre_texts = sample_texts(reference, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
@@ -275,39 +267,21 @@ def nlg_diagnostics(experiment: Any, model: Any, tokenizer: Any, *, drift_file: 
 # ------------------------------------------------------------------------------------------------ entry point
 
 
-def load_run_seeded(run_dir: Path, *, reference: bool = False) -> tuple[Any, Any, Any]:
-    """`load_run` after seeding as `train_experiment` does, so a fresh classification head is the run's initial one."""
-    from transformers import set_seed
-
-    from balora.evaluate import load_run
-
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} is missing; is {run_dir} a run directory written by `balora train`?")
-    set_seed(int((yaml.safe_load(config.read_text()).get("training") or {}).get("seed", 42)))
-    return load_run(run_dir, reference=reference)
-
-
 def diagnose_run(run_dir: str | Path, *, drift_file: str | Path | None = None, drift_samples: int = 64,
                  batch_size: int = 32, generations: int = 8, max_new_tokens: int = 48) -> dict[str, Any]:
     """Compute the diagnostics of a finished run and write them to RUN_DIR/diagnostics.json; returns them."""
     run_dir = Path(run_dir)
-    if not (run_dir / "metrics.json").is_file():
-        raise FileNotFoundError(f"{run_dir} has no metrics.json: the run did not finish; train it first")
-    experiment, model, tokenizer = load_run_seeded(run_dir, reference=True)
+    experiment, model, tokenizer = rundir.load_run(run_dir, reference=True)
     if experiment.is_nlg:
-        from balora.data.records import default_data_dir
-
         if drift_file is None:
-            data_dir = default_data_dir()
-            if data_dir is None:
-                raise FileNotFoundError("no bundled Alpaca demo data outside a source checkout; pass --drift-file")
-            drift_file = data_dir / "alpaca_demo" / "alpaca_en_demo.json"
+            if data_dir() is None:
+                raise ConfigError("no bundled Alpaca demo data outside a source checkout; pass --drift-file")
+            drift_file = data_dir() / "alpaca_demo" / "alpaca_en_demo.json"  # type: ignore[operator]
         result = nlg_diagnostics(experiment, model, tokenizer, drift_file=Path(drift_file),
                                  drift_samples=drift_samples, batch_size=max(1, batch_size // 8),
                                  generations=generations, max_new_tokens=max_new_tokens)
     else:
         result = nlu_diagnostics(experiment, model, tokenizer, run_dir, batch_size)
     result["run_dir"] = str(run_dir)
-    write_json_atomic(run_dir / DIAGNOSTICS_FILE, result)
+    write_json_atomic(run_dir / rundir.DIAGNOSTICS, result)
     return result

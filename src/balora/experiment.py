@@ -178,11 +178,18 @@ def _describe(annotation: Any) -> str:
     return text.replace("<class '", "").replace("'>", "")
 
 
+_YAML11_BOOLS = {"yes": True, "no": False, "on": True, "off": False, "y": True, "n": False}
+
+
 def _check_section(section: str, values: dict[str, Any], fields: dict[str, dataclasses.Field], hints: dict) -> None:
+    """Check every key and type; a YAML 1.1 boolean word (yes/no/on/off) given to a bool field becomes a bool."""
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"unknown key {section}.{key}{_suggest(key, fields)}")
         annotation = hints.get(key, Any)
+        word = value.lower() if isinstance(value, str) else None
+        if word in _YAML11_BOOLS and not _type_ok(value, annotation) and _type_ok(True, annotation):
+            values[key] = value = _YAML11_BOOLS[word]
         if not _type_ok(value, annotation):
             raise ConfigError(f"{section}.{key} = {value!r} has the wrong type; expected {_describe(annotation)}")
 
@@ -227,6 +234,10 @@ def build_experiment(raw: dict[str, Any], *, check_hardware: bool = True) -> Exp
     from transformers import TrainingArguments
 
     _check_section("training", training, fields, _hints(TrainingArguments))
+    for key in ("learning_rate", "weight_decay"):  # the optimizer would refuse them only after the model loaded
+        value = training.get(key)
+        if isinstance(value, int | float) and not value >= 0:
+            raise ConfigError(f"training.{key} must be a number >= 0; got {value!r}")
     output_dir = raw.get("output_dir")
     if not isinstance(output_dir, str) or not output_dir:
         raise ConfigError("output_dir is missing: set it to the folder where the run is written, e.g. runs/sst2")
@@ -242,9 +253,18 @@ def build_experiment(raw: dict[str, Any], *, check_hardware: bool = True) -> Exp
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but `1e-4` (no dot) is a float, as in YAML 1.2 and Python; YAML 1.1 makes it a string."""
+    """PyYAML's safe loader read as YAML 1.2 in two places: `1e-4` (no dot) is a float (YAML 1.1: a string), and
+    only true/false are booleans (YAML 1.1 also reads yes/no/on/off as booleans, so that transformers'
+    `save_strategy: no` would arrive as False; a bool field still accepts these words, see `_check_section`)."""
 
 
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
@@ -252,7 +272,8 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str) -> Any:
+def load_yaml(text: str) -> Any:
+    """Parse YAML text as experiment files are read (see `_YamlLoader`)."""
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
@@ -272,7 +293,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 f"override {flag!r} must name a section and key, e.g. --balora.r 16, --training.seed 1 "
                 "or --output_dir D"
             )
-        value = _load_yaml(text)
+        value = load_yaml(text)
         if len(path) == 1:
             result[path[0]] = value
         else:
@@ -287,11 +308,13 @@ def load_experiment(
     path: str | Path, overrides: list[str] | None = None, *, check_hardware: bool = True
 ) -> tuple[Experiment, dict[str, Any]]:
     """Read, override and validate an experiment file; returns the experiment and the resolved raw mapping."""
+    from balora.io import DataError, read_text
+
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file {str(file)!r} does not exist; see configs/ for examples")
     try:
-        raw = _load_yaml(file.read_text()) or {}
+        raw = load_yaml(read_text(file, "config file", "see configs/ for examples")) or {}
+    except DataError as error:
+        raise ConfigError(str(error)) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{file}: not valid YAML: {error}") from error
     raw = apply_overrides(raw, overrides or [])

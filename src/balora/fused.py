@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balora.losses import IGNORE_INDEX
+from balora.losses import IGNORE_INDEX, LOSS_TERMS
 from balora.rowblocks import (
     Segments,
     blocks_of,
@@ -44,9 +44,9 @@ from balora.rowblocks import (
     scratch,
     valid_rows,
 )
-from balora.spectral import SVDMethod, TopSingular, svd_grad_rows, top_singular
+from balora.spectral import TopSingular, TopSingularMethod, svd_grad_rows, top_singular
 
-__all__ = ["nlg_fused_loss"]
+__all__ = ["nlg_fused_loss", "nlg_svd_loss"]
 
 
 @dataclass(frozen=True)
@@ -236,12 +236,13 @@ def nlg_fused_loss(
     temperature: float = 2.0,
     entropy_top_k: int = 20,
     svd_top_k: int = 10,
-    svd_method: SVDMethod = "randomized",
+    svd_method: TopSingularMethod = "randomized",
     svd_oversample: int = 20,
     svd_niter: int = 2,
     svd_seed: int | None = None,
     chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
+    rows: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Task CE + λ1·consistency + λ2·diversity + λ3·SVD on NLG logits in one chunked pass; minimise the total.
 
@@ -256,12 +257,13 @@ def nlg_fused_loss(
     the global token count. The regularizers are per-batch means over the local M rows, as in `losses`. `terms` holds
     detached float32 values of the computed terms only: "task_loss" (mean CE over the M tokens, whatever the
     denominator), "consistency_loss" (= `losses.nlg_consistency`), "diversity_loss" (= `losses.nlg_diversity`) and
-    "svd_loss" (= `spectral.nlg_svd_loss`). A term with weight 0 (or `with_task_loss=False`) is not computed. No valid
+    "svd_loss" (= `nlg_svd_loss`). A term with weight 0 (or `with_task_loss=False`) is not computed. No valid
     position gives total 0 with a zero gradient.
 
     `chunk_size` rows per block (default: 2 MiB of float32 per block); the SVD options are those of
     `spectral.top_singular` (its default oversample is 20, not the paper's 5: see there). Logits that are not
     contiguous are copied once. Backward may run once per call (the gradient buffer is handed over, not copied).
+    `rows`: `rowblocks.valid_rows(labels)` when the caller has it already (computed once per training step).
     """
     if logits.dim() != 3 or logits.shape[:2] != labels.shape:
         raise ValueError(
@@ -275,7 +277,8 @@ def nlg_fused_loss(
     if temperature <= 0 or entropy_top_k < 1:
         raise ValueError(f"need temperature > 0 and entropy_top_k >= 1; got {temperature}, {entropy_top_k}")
     v = logits.shape[-1]
-    rows = valid_rows(labels, ignore_index=ignore_index)
+    if rows is None:
+        rows = valid_rows(labels, ignore_index=ignore_index)
     m = rows.numel()
     chunk = chunk_size or default_chunk_rows(v)
     if chunk < 1:
@@ -321,10 +324,30 @@ def nlg_fused_loss(
     else:
         with torch.no_grad():
             total, stats, _ = _fused_pass(logits, teacher, segs, targets, plan, svd, need_grad=False)
-    names = [
-        ("task_loss", with_task_loss),
-        ("consistency_loss", plan.consistency_weight != 0.0),
-        ("diversity_loss", plan.diversity_weight != 0.0),
-        ("svd_loss", plan.svd_weight != 0.0),
-    ]
-    return total, {name: stats[i].detach() for i, (name, on) in enumerate(names) if on}
+    computed = (with_task_loss, plan.consistency_weight != 0.0, plan.diversity_weight != 0.0, plan.svd_weight != 0.0)
+    return total, {name: stat.detach() for name, stat, on in zip(LOSS_TERMS, stats, computed, strict=True) if on}
+
+
+def nlg_svd_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    top_k: int = 10,
+    oversample: int = 20,
+    niter: int = 2,
+    method: TopSingularMethod = "randomized",
+    seed: int | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """Spectral concentration of the supervised-token logits (paper Eq. 9), in [−√k, 0], minimise; explicit backward.
+
+    L = −(Σ_{i≤k} σ_i) / ‖Z‖_F with Z (M, V) the rows of `logits` (B, T, V) at `nlg_valid_mask(labels)` (B, T).
+    The value is `losses.nlg_svd`'s (exactly for "exact"; for "randomized" up to the sketch's error, see
+    `spectral.top_singular`); the gradient is the closed form of `balora.spectral` at the computed factors. It is
+    `nlg_fused_loss` with the SVD term alone (no valid position: 0 with a zero gradient).
+    """
+    total, _ = nlg_fused_loss(logits, labels, with_task_loss=False, svd_weight=1.0, svd_top_k=top_k,
+                              svd_method=method, svd_oversample=oversample, svd_niter=niter, svd_seed=seed,
+                              chunk_size=chunk_size, ignore_index=ignore_index)
+    return total

@@ -20,10 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of positions that are not supervised (prompt and padding); ignored by cross-entropy
+# The terms of the objective, as the trainer logs them and run directories, plots and tables show them.
+LOSS_TERMS = ("task_loss", "consistency_loss", "diversity_loss", "svd_loss")
 
 __all__ = [
     "IGNORE_INDEX",
+    "LOSS_TERMS",
     "nlg_consistency",
     "nlg_diversity",
     "nlg_svd",

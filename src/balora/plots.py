@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-TERMS = ("task_loss", "consistency_loss", "diversity_loss", "svd_loss")
+from balora.losses import LOSS_TERMS
 
 
 def _pyplot() -> Any:
@@ -22,9 +23,14 @@ def _pyplot() -> Any:
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)  # unique, beside the target
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return out
 
 
@@ -33,7 +39,7 @@ def plot_training_curves(
 ) -> Path:
     """One panel per loss term (task loss and each regularizer) against the step, one line per run."""
     plt = _pyplot()
-    present = [t for t in TERMS if any(t in entry for h in histories.values() for entry in h)]
+    present = [t for t in LOSS_TERMS if any(t in entry for h in histories.values() for entry in h)]
     if not present:
         raise ValueError("no loss terms in the log history; was anything logged (training.logging_steps)?")
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4), squeeze=False)

@@ -5,9 +5,10 @@ Where σ_k > σ_{k+1}, ∂S/∂Z = U_k V_kᵀ, hence ∂L/∂Z = −U_k V_kᵀ /
 
 Autograd through `torch.svd_lowrank` (the paper's code, `losses.nlg_svd`) also differentiates the random sketch
 (pytorch#69531) and costs 2-3× more. Here the top-k factors are found without autograd, reading Z block by block (no
-float32 copy of the (M, V) logits), and the formula above is applied in backward. Singular values below 1e-5·σ_max
-(float32 round-off of a rank-deficient Z: k ≥ rank, identical rows) are dropped with their vectors: there L is not
-differentiable and this returns the minimum-norm element of the superdifferential. Z = 0 gives L = 0, zero gradient.
+float32 copy of the (M, V) logits), and the formula above gives the gradient (`balora.fused` applies it; its
+`nlg_svd_loss` is this term alone). Singular values below 1e-5·σ_max (float32 round-off of a rank-deficient Z:
+k ≥ rank, identical rows) are dropped with their vectors: there L is not differentiable and this returns the
+minimum-norm element of the superdifferential. Z = 0 gives L = 0, zero gradient.
 
 `hidden_svd_loss`: with a frozen, bias-free head W (V, d), Z = H Wᵀ and Z Zᵀ = (H R)(H R)ᵀ for any R Rᵀ = WᵀW (from
 the d × d Gram, computed once per head). So σ(Z) = σ(H R), ‖Z‖_F = ‖H R‖_F, the top-k come from a small symmetric
@@ -28,26 +29,23 @@ from balora.rowblocks import (
     Segments,
     blocks_of,
     default_chunk_rows,
-    empty_grad_like,
     float_rows,
     map_blocks,
     row_segments,
     run_share,
-    scratch,
     valid_rows,
 )
 
 __all__ = [
-    "SVDMethod",
     "TopSingular",
+    "TopSingularMethod",
     "clear_head_cache",
     "head_gram_root",
     "hidden_svd_loss",
-    "nlg_svd_loss",
     "top_singular",
 ]
 
-SVDMethod = Literal["randomized", "exact"]
+TopSingularMethod = Literal["randomized", "exact"]  # how `top_singular` computes the factors
 _RTOL = 1e-5  # singular values below _RTOL · σ_max are float32 round-off, not signal
 
 
@@ -179,7 +177,7 @@ def top_singular(
     rows: Tensor,
     *,
     top_k: int = 10,
-    method: SVDMethod = "randomized",
+    method: TopSingularMethod = "randomized",
     oversample: int = 20,
     niter: int = 2,
     seed: int | None = None,
@@ -214,74 +212,6 @@ def svd_grad_rows(z: Tensor, u_scaled: Tensor, vh: Tensor, c: Tensor, out: Tenso
     """out = ∂L/∂Z for one row block: c · z + u_scaled @ vh, with z (n, V), u_scaled (n, r), vh (r, V)."""
     torch.mul(z, c, out=out)
     return out.addmm_(u_scaled, vh)
-
-
-class _SVDLoss(torch.autograd.Function):
-    """L = top.loss(); backward writes ∂L/∂Z block by block into one logits-shaped buffer (allocated in backward)."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, segs: Segments, top: TopSingular, chunk: int) -> Tensor:
-        ctx.save_for_backward(logits)
-        ctx.segs, ctx.top, ctx.chunk = segs, top, chunk
-        return top.loss()
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        (logits,) = ctx.saved_tensors
-        top, v = ctx.top, logits.shape[-1]
-        u_scaled, c = top.grad_terms()
-        u_scaled, c = u_scaled * grad_output, c * grad_output
-        grad = empty_grad_like(logits, ctx.segs)
-        grad_flat, flat = grad.view(-1, v), logits.detach().reshape(-1, v)
-
-        def work(state, a, b, rows):
-            z = float_rows(flat, rows, state)
-            if grad.dtype == torch.float32:
-                svd_grad_rows(z, u_scaled[a:b], top.vh, c, out=grad_flat[rows])
-            else:
-                grad_flat[rows] = svd_grad_rows(z, u_scaled[a:b], top.vh, c, scratch(state, "g", b - a, v, z.device))
-
-        map_blocks(work, blocks_of(ctx.segs, ctx.chunk), logits.device)
-        return grad, None, None, None
-
-
-def nlg_svd_loss(
-    logits: Tensor,
-    labels: Tensor,
-    *,
-    top_k: int = 10,
-    oversample: int = 20,
-    niter: int = 2,
-    method: SVDMethod = "randomized",
-    seed: int | None = None,
-    chunk_size: int | None = None,
-    ignore_index: int = IGNORE_INDEX,
-) -> Tensor:
-    """Spectral concentration of the supervised-token logits (paper Eq. 9), in [−√k, 0], minimise; explicit backward.
-
-    L = −(Σ_{i≤k} σ_i) / ‖Z‖_F with Z (M, V) the rows of `logits` (B, T, V) at `nlg_valid_mask(labels)` (B, T).
-    The value is `losses.nlg_svd`'s (exactly for "exact"; for "randomized" up to the sketch's error, see
-    `top_singular`); the gradient is the closed form of the module docstring at the computed factors.
-    Extra memory: (M + V)·q floats in forward; one logits-shaped gradient buffer in backward.
-    """
-    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
-        raise ValueError(
-            f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
-    v = logits.shape[-1]
-    rows = valid_rows(labels, ignore_index=ignore_index)
-    chunk = chunk_size or default_chunk_rows(v)
-    top = top_singular(
-        logits.detach().reshape(-1, v),
-        rows,
-        top_k=top_k,
-        method=method,
-        oversample=oversample,
-        niter=niter,
-        seed=seed,
-        chunk_size=chunk,
-    )
-    return _SVDLoss.apply(logits, row_segments(rows), top, chunk)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -352,15 +282,17 @@ def hidden_svd_loss(
     top_k: int = 10,
     gram: Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    rows: Tensor | None = None,
 ) -> Tensor:
     """Exact NLG SVD term (paper Eq. 9) from the final hidden states, for a frozen bias-free head; minimise.
 
-    Equals `nlg_svd_loss(hidden @ head_weight.T, labels, method="exact")` in value and in the gradient w.r.t.
+    Equals `fused.nlg_svd_loss(hidden @ head_weight.T, labels, method="exact")` in value and in the gradient w.r.t.
     `hidden`, without forming the (M, V) logits. `hidden` is (B, T, d) with `labels` (B, T) (rows of
     `nlg_valid_mask`), or already-selected (M, d) with `labels=None`; it must be what the head multiplies (after the
     final norm: Hugging Face's `hidden_states[-1]` for Llama-style models). `head_weight` (V, d) is a constant here
     (frozen head; no bias, logit scaling or soft-capping); or pass `gram` = WᵀW (d, d) instead of the cached Gram.
     The math is float64 on (M, d) and (d, d) matrices: an (M, d) @ (d, d) product and a (d, d) eigh per call.
+    `rows`: `rowblocks.valid_rows(labels)` when the caller has it already (computed once per training step).
     """
     if gram is None:
         if head_weight is None:
@@ -368,7 +300,7 @@ def hidden_svd_loss(
         if head_weight.requires_grad and torch.is_grad_enabled():
             raise ValueError(
                 "hidden_svd_loss treats the head as frozen, but head_weight requires grad; freeze the head or use "
-                "nlg_svd_loss on the logits"
+                "fused.nlg_svd_loss on the logits"
             )
         root = head_gram_root(head_weight)
     else:
@@ -385,7 +317,8 @@ def hidden_svd_loss(
             raise ValueError(
                 f"expected hidden (B, T, d) and labels (B, T); got {tuple(hidden.shape)} and {tuple(labels.shape)}"
             )
-        rows = valid_rows(labels, ignore_index=ignore_index)
+        if rows is None:
+            rows = valid_rows(labels, ignore_index=ignore_index)
     if rows.numel() == 0:
         return hidden.float().sum() * 0.0
     return _HiddenSVDLoss.apply(hidden, rows, root.to(hidden.device), top_k)

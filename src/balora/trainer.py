@@ -45,6 +45,7 @@ from balora.nlu import (
     pooled,
     row_keys,
 )
+from balora.rowblocks import valid_rows
 from balora.spectral import hidden_svd_loss
 from balora.teacher import pretrained_teacher, unwrap_model
 
@@ -264,7 +265,8 @@ class BALoRATrainer(Trainer):
         cfg = self.balora_config
         l1, l2, l3 = weights
         hidden_svd = l3 > 0 and self.svd_method == "hidden"
-        count = int(losses.nlg_valid_mask(labels).sum())
+        rows = valid_rows(labels)  # (M,): once per step, for the fused pass and the hidden-state SVD term
+        count = rows.numel()
         loss, values = nlg_fused_loss(
             outputs.logits,
             labels,
@@ -279,10 +281,11 @@ class BALoRATrainer(Trainer):
             svd_method="exact" if self.svd_method == "exact" else "randomized",
             svd_oversample=cfg.svd_oversample,
             svd_niter=cfg.svd_loss_niter,
+            rows=rows,
         )
         if hidden_svd:
             head = _frozen_bias_free_head(model)
-            svd = hidden_svd_loss(outputs.hidden_states[-1], labels, head.weight, top_k=cfg.svd_top_k)
+            svd = hidden_svd_loss(outputs.hidden_states[-1], labels, head.weight, top_k=cfg.svd_top_k, rows=rows)
             loss = loss + (l3 / ga) * svd
             values = {**values, "svd_loss": svd.detach()}
         return loss, dict(values)

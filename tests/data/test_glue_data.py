@@ -104,7 +104,7 @@ def test_bundled_files(task: str, n_train: int, n_val: int, val_counts: dict[int
         ({"sentence": "   ", "label": 0}, "'sentence' is empty"),
         ({"sentence": 5, "label": 0}, "expected text"),
         ({"sentence": "fine"}, "missing label field 'label'"),
-        ('{"sentence": "broken", ', "invalid JSON"),
+        ('{"sentence": "broken", ', "not valid JSON"),
         ("[1, 2]", "expected an object"),
     ],
 )

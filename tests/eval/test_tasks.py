@@ -11,10 +11,10 @@ import torch
 from tiny_lm import tiny_causal_lm, tiny_tokenizer
 
 from balora.eval import problems as problems_module
-from balora.eval.files import write_json_atomic
 from balora.eval.perplexity import evaluate_perplexity
 from balora.eval.problems import build_prompt, load_problems
 from balora.eval.tasks import evaluate_generation, score_samples
+from balora.io import DataError, write_json_atomic
 
 FIXTURE = Path(__file__).with_name("humaneval_fixture.jsonl")
 
@@ -63,7 +63,7 @@ def test_malformed_rows_name_file_and_line(tmp_path: Path):
 def test_humaneval_without_data_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(problems_module, "DATA_DIR", tmp_path)  # no HumanEval file in data/humaneval
-    with pytest.raises(RuntimeError, match="pass data_file=PATH"):
+    with pytest.raises(DataError, match="pass data_file=PATH"):
         load_problems("humaneval")
 
 

@@ -18,15 +18,8 @@ from typing import Any
 from datasets import Dataset, DatasetDict, Features, Value
 from transformers import PreTrainedTokenizerBase
 
-from balora.data.records import (
-    FILE_SUFFIXES,
-    DataError,
-    RowStats,
-    collect_rows,
-    default_data_dir,
-    iter_records,
-    subsample,
-)
+from balora.data.records import DataError, RowStats, collect_rows, default_data_dir, iter_records, subsample
+from balora.io import FILE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from transformers import PreTrainedTokenizerBase
 
 from balora.data.records import DataError, collect_rows, iter_records, subsample
 from balora.data.templates import TemplateName, render_prompt, response_prefix
+from balora.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
 InstructFormat = Literal["auto", "alpaca", "query_response", "gsm8k"]
 GSM8KAnswer = Literal["keep", "the_answer_is"]
-IGNORE_INDEX = -100  # label of positions that are not supervised (prompt and padding); ignored by cross-entropy
 
 # format -> (prompt field, response field); alpaca also has an optional `input`.
 FORMAT_FIELDS: dict[str, tuple[str, str]] = {

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from balora.eval.files import write_json_atomic
+from balora.io import write_json_atomic
 
 
 def apply_label_noise(

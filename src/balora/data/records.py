@@ -1,89 +1,28 @@
 """Reading data files row by row: every bad row reported with its file and position, or skipped and counted.
 
-Shared by the GLUE/classification loader (`balora.data.glue`) and the instruction loader (`balora.data.instruct`).
+Shared by the GLUE/classification loader (`balora.data.glue`) and the instruction loader (`balora.data.instruct`);
+the file reader itself is `balora.io.iter_records`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from datasets import Dataset
 
+from balora.io import DataError, iter_records
+from balora.io import data_dir as default_data_dir
+
+__all__ = ["DataError", "RowStats", "collect_rows", "default_data_dir", "iter_records", "subsample"]
+
 logger = logging.getLogger(__name__)
 
 SKIP_HINT = "fix the row, or set data.skip_bad_rows: true to skip bad rows (they are counted and reported)"
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 _MAX_REPORTED = 20  # bad rows listed one by one in the stats; all of them are counted
-
-class DataError(ValueError):
-    """A data file or row is unusable; the message names the file, the row and the fix."""
-
-def default_data_dir() -> Path | None:
-    """The repository's `data/` folder when balora runs from a source checkout, else None."""
-    root = Path(__file__).resolve().parents[3]
-    return root / "data" if (root / "pyproject.toml").is_file() and (root / "data").is_dir() else None
-
-
-# ---------------------------------------------------------------- reading files
-
-
-def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield `(where, record)` for each row of a jsonl, json, csv, tsv or parquet file.
-
-    `where` is "line N" (1-based, jsonl/csv/tsv), "record N" (1-based position in a JSON list) or "row N" (parquet).
-    A record that cannot be parsed is yielded as a `DataError` so callers can skip and count it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist; check data.train_file / data.validation_file")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl" or (suffix == ".json" and not _is_json_document(path)):
-        with path.open(encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, start=1):
-                if line.strip():  # blank lines (e.g. a trailing newline) are not rows
-                    try:
-                        yield f"line {n}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        yield f"line {n}", DataError(f"invalid JSON ({e.msg} at column {e.colno})")
-    elif suffix == ".json":
-        with path.open(encoding="utf-8-sig") as f:
-            data = json.load(f)
-        if not isinstance(data, list):
-            raise DataError(
-                f"{path}: expected a JSON list of objects, got {type(data).__name__}; "
-                "write a list, or one object per line in a .jsonl file"
-            )
-        yield from ((f"record {n}", rec) for n, rec in enumerate(data, start=1))
-    elif suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            # GLUE's TSVs contain bare double quotes, so tab files are read without quoting.
-            quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",", quoting=quoting)
-            for rec in reader:
-                if None in rec:
-                    yield f"line {reader.line_num}", DataError(f"more fields than the header's {reader.fieldnames}")
-                else:
-                    yield f"line {reader.line_num}", rec
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from ((f"row {n}", rec) for n, rec in enumerate(pq.read_table(path).to_pylist(), start=1))
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
-
-
-def _is_json_document(path: Path) -> bool:
-    """A `.json` file holding one document (a list), as opposed to JSON lines saved with a `.json` name."""
-    with path.open(encoding="utf-8-sig") as f:
-        head = f.read(4096).lstrip()
-    return head.startswith("[")
 
 
 @dataclass

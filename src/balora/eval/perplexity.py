@@ -19,14 +19,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from balora.data.templates import render_prompt, response_prefix
-from balora.eval.files import read_rows, write_json_atomic, write_jsonl_atomic
+from balora.io import DataError, check_file, read_rows, read_text, write_json_atomic, write_jsonl_atomic
+from balora.losses import IGNORE_INDEX
 
 
 def _pieces(data_file: str | os.PathLike, template: str, tokenizer: Any) -> list[tuple[str, str]]:
     """(context, target) pairs: the target is scored, the context only conditions it."""
-    path = Path(data_file)
+    path = check_file(data_file)
     if path.suffix == ".txt":
-        return [("", path.read_text(encoding="utf-8"))]
+        return [("", read_text(path))]
     pieces = []
     for line, row in read_rows(path):
         if "text" in row:
@@ -40,7 +41,7 @@ def _pieces(data_file: str | os.PathLike, template: str, tokenizer: Any) -> list
                 context += response_prefix(template)  # type: ignore[arg-type]
             pieces.append((context, str(row["output"]) + (tokenizer.eos_token or "")))
         else:
-            raise ValueError(
+            raise DataError(
                 f"{path}:{line}: perplexity rows need `text`, or `instruction` and `output`; the row has {sorted(row)}"
             )
     return pieces
@@ -75,7 +76,7 @@ def _nll(
         batch = sequences[start : start + batch_size]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
         for row, (ids, first) in enumerate(batch):
             input_ids[row, : len(ids)] = torch.tensor(ids)
@@ -83,8 +84,8 @@ def _nll(
             mask[row, : len(ids)] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
         targets = labels[:, 1:].to(device)  # token t is predicted from position t-1
-        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
-        counts = (targets != -100).sum(dim=1)
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        counts = (targets != IGNORE_INDEX).sum(dim=1)
         out += [(float(loss), int(n)) for loss, n in zip(losses.sum(dim=1).tolist(), counts.tolist(), strict=True)]
     return out
 
@@ -103,7 +104,7 @@ def evaluate_perplexity(
 ) -> dict[str, Any]:
     """Perplexity on `data_file`; writes results.jsonl (per sequence) and summary.json (returned) to out_dir."""
     if data_file is None:
-        raise ValueError("the perplexity task needs data_file=PATH (.txt, or .json/.jsonl with text or instructions)")
+        raise DataError("the perplexity task needs data_file=PATH (.txt, or .json/.jsonl with text or instructions)")
     if max_length < 2 or batch_size < 1:
         raise ValueError(f"max_length must be >= 2 and batch_size >= 1, got {max_length!r}, {batch_size!r}")
     start = time.monotonic()
@@ -119,7 +120,7 @@ def evaluate_perplexity(
         model.train(was_training)
     total_nll, total_tokens = sum(s for s, _ in scores), sum(n for _, n in scores)
     if total_tokens == 0:
-        raise ValueError(f"{data_file}: nothing to score (every sequence is empty or fully context)")
+        raise DataError(f"{data_file}: nothing to score (every sequence is empty or fully context)")
     rows = [
         {"index": i, "n_tokens": n, "nll": nll, "perplexity": math.exp(nll / n) if n else None}
         for i, (nll, n) in enumerate(scores)

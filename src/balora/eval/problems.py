@@ -21,20 +21,20 @@ from typing import Any, Literal
 from balora.data.templates import render_prompt
 from balora.eval.answers import extract_math_answer
 from balora.eval.code import mbpp_prompt
-from balora.eval.files import read_rows, require_fields
+from balora.io import REPO_ROOT, DataError, read_rows, read_text, require_fields
 
 TaskName = Literal["gsm8k", "math", "humaneval", "mbpp", "perplexity"]
-TemplateName = Literal["alpaca", "chat", "plain"]
+EvalTemplate = Literal["alpaca", "chat", "plain"]  # the training templates, or none ("plain")
 Kind = Literal["answer", "code", "perplexity"]
 
-DATA_DIR = Path(__file__).resolve().parents[3] / "data"
+DATA_DIR = REPO_ROOT / "data"
 MATH_TRIGGER = "Let's think step by step."
 HUMANEVAL_INSTRUCTION = "Create a Python script for this problem:\n{prompt}"
 MBPP_TEST_IDS = range(11, 511)
 
 
 @dataclass(frozen=True)
-class TaskSpec:
+class BenchmarkSpec:
     """A benchmark: kind of scoring, required fields, bundled file, hub location, default generation length."""
 
     name: TaskName
@@ -45,22 +45,22 @@ class TaskSpec:
     max_new_tokens: int
 
 
-TASKS: dict[str, TaskSpec] = {
-    "gsm8k": TaskSpec(
+TASKS: dict[str, BenchmarkSpec] = {
+    "gsm8k": BenchmarkSpec(
         "gsm8k", "answer", ("question", "answer"), "gsm8k/test.jsonl", ("openai/gsm8k", "main", "test"), 512
     ),
-    "math": TaskSpec(
+    "math": BenchmarkSpec(
         "math", "answer", ("problem",), "math500/test.jsonl", ("HuggingFaceH4/MATH-500", None, "test"), 1024
     ),
-    "humaneval": TaskSpec(
+    "humaneval": BenchmarkSpec(
         "humaneval", "code", ("task_id", "prompt", "test", "entry_point"), "humaneval/HumanEval.jsonl",
         ("openai/openai_humaneval", None, "test"), 512,
     ),
-    "mbpp": TaskSpec(
+    "mbpp": BenchmarkSpec(
         "mbpp", "code", ("task_id", "text", "code", "test_list"), "mbpp/mbpp.jsonl",
         ("google-research-datasets/mbpp", "full", "test"), 512,
     ),
-    "perplexity": TaskSpec("perplexity", "perplexity", (), None, None, 0),
+    "perplexity": BenchmarkSpec("perplexity", "perplexity", (), None, None, 0),
 }  # fmt: skip
 
 
@@ -74,13 +74,13 @@ class Problem:
     reference: str | None  # the answer for answer tasks; None for code tasks (the tests are in the row)
 
 
-def get_task(name: str) -> TaskSpec:
+def get_task(name: str) -> BenchmarkSpec:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
     return TASKS[name]
 
 
-def _hub_rows(spec: TaskSpec) -> list[tuple[int, dict[str, Any]]]:
+def _hub_rows(spec: BenchmarkSpec) -> list[tuple[int, dict[str, Any]]]:
     assert spec.hub is not None
     dataset, config, split = spec.hub
     try:
@@ -88,7 +88,7 @@ def _hub_rows(spec: TaskSpec) -> list[tuple[int, dict[str, Any]]]:
 
         data = datasets.load_dataset(dataset, config, split=split)
     except (OSError, ConnectionError, ValueError) as exc:
-        raise RuntimeError(
+        raise DataError(
             f"no local data for task {spec.name!r} and loading {dataset!r} from the Hugging Face hub failed ({exc}); "
             f"pass data_file=PATH (JSONL with fields {list(spec.fields)}) or run where the hub is reachable"
         ) from exc
@@ -99,7 +99,7 @@ def _math_directory_rows(folder: Path) -> list[tuple[int, dict[str, Any]]]:
     """The original MATH release: one JSON object per problem under test/<subject>/<n>.json."""
     files = sorted(folder.rglob("*.json"), key=lambda p: (str(p.parent), int(p.stem) if p.stem.isdigit() else 0))
     if not files:
-        raise FileNotFoundError(f"{folder} holds no *.json problem files; expected the MATH test/ directory")
+        raise DataError(f"{folder} holds no *.json problem files; expected the MATH test/ directory")
     rows = []
     for path in files:
         row = _single_object(path)
@@ -112,15 +112,15 @@ def _single_object(path: Path) -> dict[str, Any]:
     import json
 
     try:
-        row = json.loads(path.read_text(encoding="utf-8"))
+        row = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
     if not isinstance(row, dict):
-        raise ValueError(f"{path}: expected one JSON object (a MATH problem), got {type(row).__name__}")
+        raise DataError(f"{path}: expected one JSON object (a MATH problem), got {type(row).__name__}")
     return row
 
 
-def _source(spec: TaskSpec, data_file: str | os.PathLike | None) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+def _source(spec: BenchmarkSpec, data_file: str | os.PathLike | None) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
     if data_file is not None:
         path = Path(data_file)
         if spec.name == "math" and path.is_dir():
@@ -132,7 +132,7 @@ def _source(spec: TaskSpec, data_file: str | os.PathLike | None) -> tuple[str, l
             if candidate.is_file():
                 return str(candidate), read_rows(candidate)
     if spec.hub is None:
-        raise ValueError(f"task {spec.name!r} needs data_file=PATH (a .txt, .json or .jsonl file)")
+        raise DataError(f"task {spec.name!r} needs data_file=PATH (a .txt, .json or .jsonl file)")
     return f"hub:{spec.hub[0]}", _hub_rows(spec)
 
 
@@ -159,15 +159,15 @@ def load_problems(task: str, data_file: str | os.PathLike | None = None, limit: 
         elif spec.name == "math":
             reference = row.get("answer") or extract_math_answer(str(row.get("solution", "")))
             if not reference:
-                raise ValueError(f"{where}:{line}: math row has no `answer` and no \\boxed{{}} answer in `solution`")
+                raise DataError(f"{where}:{line}: math row has no `answer` and no \\boxed{{}} answer in `solution`")
         task_id = row.get("task_id", row.get("unique_id", len(problems)))
         problems.append(Problem(str(task_id), len(problems), row, reference))
     if not problems:
-        raise ValueError(f"{where}: no {spec.name} problems found (for mbpp: no row with task_id in 11-510)")
+        raise DataError(f"{where}: no {spec.name} problems found (for mbpp: no row with task_id in 11-510)")
     return problems[:limit]
 
 
-def build_prompt(task: str, problem: Problem, *, template: TemplateName = "alpaca", tokenizer: Any = None) -> str:
+def build_prompt(task: str, problem: Problem, *, template: EvalTemplate = "alpaca", tokenizer: Any = None) -> str:
     """The text the model continues for this problem (see the module docstring for each template)."""
     row = problem.row
     if task in ("gsm8k", "math"):
@@ -188,7 +188,7 @@ def build_prompt(task: str, problem: Problem, *, template: TemplateName = "alpac
     raise ValueError(f"task {task!r} has no prompt; choose one of gsm8k, math, humaneval, mbpp")
 
 
-def stop_sequences(task: str, template: TemplateName) -> list[str]:
+def stop_sequences(task: str, template: EvalTemplate) -> list[str]:
     """Strings that end a completion (besides EOS): the next Alpaca section, or the Codex stops for plain code."""
     if template == "alpaca":
         return ["### Instruction", "### Response", "### Input"]

@@ -18,19 +18,19 @@ from typing import Any
 
 from balora.eval.answers import extract_gsm8k_answer, extract_math_answer, gsm8k_correct, math_equal
 from balora.eval.code import extract_code, humaneval_program, mbpp_program, mean_pass_at_k
-from balora.eval.files import read_rows, write_json_atomic, write_jsonl_atomic
 from balora.eval.generate import Backend, generate
 from balora.eval.problems import (
     TASKS,
+    BenchmarkSpec,
+    EvalTemplate,
     Problem,
-    TaskSpec,
-    TemplateName,
     build_prompt,
     get_task,
     load_problems,
     stop_sequences,
 )
 from balora.eval.sandbox import run_many
+from balora.io import DataError, read_rows, write_json_atomic, write_jsonl_atomic
 
 __all__ = ["TASKS", "evaluate_generation", "load_problems", "score_samples"]
 
@@ -45,7 +45,7 @@ def evaluate_generation(
     limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
-    template: TemplateName = "alpaca",
+    template: EvalTemplate = "alpaca",
     n_samples: int = 1,
     temperature: float = 0.0,
     top_p: float = 0.95,
@@ -104,14 +104,14 @@ def _problem_for(row: dict[str, Any], by_id: dict[str, Problem], problems: list[
             key = key.rsplit("/", 1)[1]
         if key not in by_id:
             examples = ", ".join(repr(p.task_id) for p in problems[:3])
-            raise ValueError(f"{where}: task_id {row['task_id']!r} is not a problem of this task (ids: {examples})")
+            raise DataError(f"{where}: task_id {row['task_id']!r} is not a problem of this task (ids: {examples})")
         return by_id[key]
     if "index" in row:
         index = row["index"]
         if not isinstance(index, int) or not 0 <= index < len(problems):
-            raise ValueError(f"{where}: index {index!r} is not a problem index (0..{len(problems) - 1})")
+            raise DataError(f"{where}: index {index!r} is not a problem index (0..{len(problems) - 1})")
         return problems[index]
-    raise ValueError(f"{where}: a sample row needs `task_id` or `index` (the problem's 0-based position)")
+    raise DataError(f"{where}: a sample row needs `task_id` or `index` (the problem's 0-based position)")
 
 
 def score_samples(
@@ -141,7 +141,7 @@ def score_samples(
     for line, row in read_rows(samples_file):
         where = f"{samples_file}:{line}"
         if "completion" not in row:
-            raise ValueError(f"{where}: a sample row needs `completion` (the model's output); it has {sorted(row)}")
+            raise DataError(f"{where}: a sample row needs `completion` (the model's output); it has {sorted(row)}")
         problem = _problem_for(row, by_id, problems, where)
         grouped.setdefault(problem.index, []).append(str(row["completion"]))
         prompts.setdefault(problem.index, str(row.get("prompt", "")))
@@ -162,7 +162,7 @@ def _mbpp_code(completion: str) -> str:
     return re.sub(r"^assert\b.*$", "", extract_code(completion), flags=re.MULTILINE)
 
 
-def _score_answers(spec: TaskSpec, problems: list[Problem], samples: list[list[str]]) -> list[dict[str, Any]]:
+def _score_answers(spec: BenchmarkSpec, problems: list[Problem], samples: list[list[str]]) -> list[dict[str, Any]]:
     rows = []
     for problem, outputs in zip(problems, samples, strict=True):
         for output in outputs:
@@ -179,7 +179,7 @@ def _score_answers(spec: TaskSpec, problems: list[Problem], samples: list[list[s
 
 
 def _score_code(
-    spec: TaskSpec,
+    spec: BenchmarkSpec,
     problems: list[Problem],
     samples: list[list[str]],
     workers: int | None,
@@ -204,7 +204,7 @@ def _score_code(
 
 
 def _score_and_write(
-    spec: TaskSpec,
+    spec: BenchmarkSpec,
     problems: list[Problem],
     prompts: list[str],
     samples: list[list[str]],

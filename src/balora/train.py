@@ -1,0 +1,92 @@
+"""`balora train`: one experiment end to end: prepare it (`balora.prepare`), wrap the model in its BA-LoRA adapter,
+train, evaluate, and write the run directory (`balora.rundir`, which documents the layout)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from balora import rundir
+from balora.adapter import get_balora_model, save_adapter
+from balora.experiment import ConfigError, Experiment
+from balora.prepare import Prepared, evaluate_splits, prepare, training_seed
+from balora.trainer import BALoRATrainer
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    metrics: dict[str, float]
+    final_terms: dict[str, float]
+
+
+class LogLastStep(TrainerCallback):
+    """Log the last step of a run that has logged no step yet (a run shorter than `logging_steps`), so that every
+    run has its final loss terms and its plot."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.global_step >= state.max_steps and not any("loss" in entry for entry in state.log_history):
+            control.should_log = True
+        return control
+
+
+def adapt(experiment: Experiment, model: Any) -> tuple[Any, Any]:
+    """(the model to train, its resolved BALoRAConfig): the PEFT model with the adapter, or for method "full" the
+    model itself. A setting the model cannot take (r larger than a layer, targets that match nothing) is a
+    ConfigError."""
+    task = "nlg" if experiment.is_nlg else "nlu"
+    try:
+        if experiment.balora.method == "full":  # every weight trains, no adapter; the BA-LoRA terms are off
+            return model, experiment.balora.resolve(task)  # loaded models are trainable throughout (tested)
+        trained = get_balora_model(model, experiment.balora)
+    except ValueError as error:
+        raise ConfigError(f"balora: {error}") from error
+    return trained, trained.balora_config
+
+
+def train_experiment(experiment: Experiment, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Train one experiment into its `output_dir` (free, or `overwrite`n, or `resume`d) and return its metrics."""
+    run_dir = Path(experiment.output_dir)
+    args = experiment.training_arguments()
+    with rundir.claimed(run_dir, resume=resume, overwrite=overwrite, main=args.should_save):
+        prepared = prepare(experiment)
+        trained, config = adapt(experiment, prepared.model)
+        if args.should_save and not resume:  # a resumed run rewrites its files only once it has finished
+            rundir.write_config(run_dir, experiment, config)
+            if experiment.data.label_noise > 0:
+                rundir.write_flipped(run_dir, prepared.flipped, p=experiment.data.label_noise,
+                                     seed=training_seed(experiment))
+        trainer = BALoRATrainer(
+            model=trained, balora_config=config, args=args, train_dataset=prepared.train,
+            eval_dataset=prepared.eval or None, data_collator=prepared.collator,
+            compute_metrics=prepared.compute_metrics, processing_class=prepared.tokenizer, callbacks=[LogLastStep()],
+        )
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        train_seconds = time.perf_counter() - start
+        metrics = evaluate_splits(trainer, prepared.eval)
+        metrics["train_seconds"] = round(train_seconds, 2)
+        if not args.should_save:  # another process of a distributed run: its part of a sharded save only
+            if config.method == "full":
+                trainer.save_model()
+            return TrainResult(str(run_dir), metrics, rundir.last_terms(trainer.state.log_history))
+        final_terms = rundir.write_run(
+            run_dir, experiment=experiment, balora_config=config, save_weights=_saver(trainer, trained, prepared),
+            metrics=metrics, stats=prepared.stats, log_history=trainer.state.log_history,
+        )
+    return TrainResult(str(run_dir), metrics, final_terms)
+
+
+def _saver(trainer: BALoRATrainer, trained: Any, prepared: Prepared) -> Any:
+    def save(folder: Path) -> None:
+        if trainer.balora_config.method == "full":
+            trainer.save_model(str(folder))  # the Trainer's own save: unwraps DDP/FSDP/DeepSpeed, gathers shards
+        else:
+            save_adapter(trained, folder)
+        prepared.tokenizer.save_pretrained(str(folder))
+
+    return save
