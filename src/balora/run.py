@@ -192,7 +192,10 @@ def train_experiment(exp: Experiment, *, resume: bool = False) -> dict[str, Any]
     if config.method == "full":
         _save_full_model(trainer, saved)
     else:
-        save_adapter(trained, saved)
+        save_adapter(trained, saved)  # every rank: a sharded adapter is gathered first
+    result = {"metrics": metrics, "final_terms": final_terms, "run_dir": str(run_dir)}
+    if not trainer.is_world_process_zero():  # one writer for the run directory
+        return result
     tokenizer.save_pretrained(str(saved))
     write_json_atomic(
         run_dir / "metrics.json", {"metrics": metrics, "final_terms": final_terms, "data": prepared["stats"]}
@@ -206,7 +209,7 @@ def train_experiment(exp: Experiment, *, resume: bool = False) -> dict[str, Any]
         title=f"{exp.model.name} · {exp.data.task}",
     )
     write_text_atomic(run_dir / "README.md", model_card(exp, config, metrics, prepared["stats"]))
-    return {"metrics": metrics, "final_terms": final_terms, "run_dir": str(run_dir)}
+    return result
 
 
 def _save_full_model(trainer: BALoRATrainer, folder: Path) -> None:
