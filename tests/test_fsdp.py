@@ -178,11 +178,12 @@ def test_ranks_that_loaded_different_weights_all_get_rank_0s_init(rank0_init):
 
     torch.manual_seed(0)  # rank 0's weights; rank 1 loaded seed 1's
     expected = get_balora_model(tiny_llama(), BALoRAConfig(method="balora", r=2)).state_dict()
-    for rank in rank0_init:
-        state = rank["different"]
-        assert set(state) == set(expected)
-        for name, value in expected.items():
-            torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
+    rank0, rank1 = (rank["different"] for rank in rank0_init)
+    assert set(rank0) == set(rank1) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(rank1[name], rank0[name], rtol=0, atol=0, msg=name)  # broadcast: bit-identical
+        # This process's SVD may run with another thread count than the worker's: equal up to float rounding.
+        torch.testing.assert_close(rank0[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_meta_weights_that_nothing_would_fill_are_a_clear_error(rank0_init):

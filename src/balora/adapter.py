@@ -108,7 +108,8 @@ def get_balora_model(model: torch.nn.Module, config: BALoRAConfig) -> PeftModel:
     """Wrap `model` with a PiSSA (or LoRA) adapter and a frozen teacher adapter; returns a `peft.PeftModel`.
 
     The returned model carries the resolved config as `model.balora_config`. Only the adapter `"default"` (and, for
-    classification, its head copy) is trainable.
+    classification, its head copy) is trainable. Under torch.distributed every rank must call it: rank 0 computes the
+    init and shares it (`balora.distributed`).
     """
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; pass the plain transformers model to get_balora_model")
