@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def _one_process(out: Path, *argv: str) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, WORKER, str(out), *argv]
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)
 
 
 def _fsdp(out: Path, *argv: str) -> subprocess.Popen:
@@ -56,13 +57,20 @@ def _fsdp(out: Path, *argv: str) -> subprocess.Popen:
     cmd = [str(launcher), "launch", "--config_file", str(FSDP_CONFIG), *LAUNCH_OVERRIDES,
            "--main_process_port", str(_free_port()), WORKER, str(out), *argv]
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)
 
 
 def _wait(*procs: subprocess.Popen) -> None:
-    for proc in procs:
-        output, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, output[-4000:]
+    """Wait for every launch; on a timeout or a failure, end the others' whole process groups (launcher + ranks)."""
+    try:
+        for proc in procs:
+            output, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, output[-4000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def _steps(run_dir: Path) -> list[dict]:
