@@ -22,6 +22,7 @@ from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_tar
 from transformers.pytorch_utils import Conv1D
 
 from balora.config import BALoRAConfig, Task
+from balora.distributed import gathered_state_dict, init_on_this_rank, is_main_process, share_rank0_init
 from balora.heads import find_head
 from balora.pissa import apply_pissa
 
@@ -105,7 +106,8 @@ def get_balora_model(model: torch.nn.Module, config: BALoRAConfig) -> PeftModel:
     """Wrap `model` with a PiSSA (or LoRA) adapter and a frozen teacher adapter; returns a `peft.PeftModel`.
 
     The returned model carries the resolved config as `model.balora_config`. Only the adapter `"default"` (and, for
-    classification, its head copy) is trainable.
+    classification, its head copy) is trainable. Under torch.distributed every rank must call it: rank 0 computes the
+    init and shares it (`balora.distributed`).
     """
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; pass the plain transformers model to get_balora_model")
@@ -125,13 +127,16 @@ def get_balora_model(model: torch.nn.Module, config: BALoRAConfig) -> PeftModel:
     validate_targets(model, lora)
 
     peft_model = get_peft_model(model, lora)
-    if config.init == "pissa":
-        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+    # Several processes: rank 0 initialises, the others receive its weights (balora.distributed).
+    init_here = init_on_this_rank([layer.get_base_layer().weight for layer in layers])
+    if config.init == "pissa" and init_here:
         for index, layer in enumerate(layers):
             apply_pissa(
                 layer, ADAPTER, niter=config.init_niter, oversample=config.init_oversample, seed=config.seed + index
             )
     _add_teacher_adapter(peft_model, lora)
+    share_rank0_init(peft_model)
     peft_model.balora_config = config
     if heads:
         peft_model.balora_head = heads
@@ -149,20 +154,25 @@ def _add_teacher_adapter(peft_model: PeftModel, lora: LoraConfig) -> None:
     params = dict(peft_model.named_parameters())
     for name, param in params.items():
         if f".{TEACHER}." in name or name.endswith(f".{TEACHER}"):
-            param.copy_(params[name.replace(f".{TEACHER}", f".{ADAPTER}")])
+            source = params[name.replace(f".{TEACHER}", f".{ADAPTER}")]
+            if not (param.is_meta or source.is_meta):  # meta: rank 0's values arrive when FSDP shards the model
+                param.copy_(source)
             param.requires_grad_(False)
 
 
-def lora_state_dict_for_base(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+def lora_state_dict_for_base(
+    peft_model: PeftModel, full_state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The trained adapter as a plain LoRA on the *original* weights: ΔW = B A − B0 A0 = [B | −B0] [A ; A0].
 
     The rank doubles (2r) and alpha doubles with it, so the scaling alpha/r is unchanged. The LoRA factors come from
     PEFT's own `subtract_mutated_init` with the teacher adapter as the initial adapter (PEFT's
     `path_initial_model_for_weight_conversion` mechanism, without the round trip through disk); fully trained modules
-    (a classification head) are kept as they are.
+    (a classification head) are kept as they are. `full_state`: the model's gathered state dict (sharded models).
     """
-    state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER)
-    converted = peft_model.base_model.subtract_mutated_init(state, TEACHER, {})
+    state = get_peft_model_state_dict(peft_model, state_dict=full_state, adapter_name=ADAPTER)
+    inner = None if full_state is None else {k.removeprefix("base_model."): v for k, v in full_state.items()}
+    converted = peft_model.base_model.subtract_mutated_init(state, TEACHER, {"state_dict": inner})
     return {**state, **converted}
 
 
@@ -176,25 +186,29 @@ def save_adapter(peft_model: PeftModel, directory: str | os.PathLike[str], *, fo
     `PeftModel.from_pretrained(base, directory)` reproduces the trained model. `form="pissa"`: the rank-r adapter as
     trained, which applies to the residual weights W_res only (rebuild them with the same PiSSA init first).
     With a LoRA init (B0 = 0) both forms describe the same update. Each file is written to a temporary name first.
+    With several processes every rank must call it (an FSDP-sharded adapter is gathered); rank 0 writes.
     """
     from safetensors.torch import save_file
 
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     lora = copy.deepcopy(peft_model.peft_config[ADAPTER])
     initialised_as_lora = getattr(getattr(peft_model, "balora_config", None), "init", None) == "lora"
+    full = gathered_state_dict(peft_model)  # None unless FSDP sharded the model
     if form == "lora" and initialised_as_lora:  # B0 = 0: the adapter as trained already applies to W
-        state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER)
+        state = get_peft_model_state_dict(peft_model, state_dict=full, adapter_name=ADAPTER)
     elif form == "lora":
-        state = lora_state_dict_for_base(peft_model)
+        state = lora_state_dict_for_base(peft_model, full)
         lora.r *= 2
         lora.lora_alpha *= 2
         lora.rank_pattern = {k: 2 * v for k, v in (lora.rank_pattern or {}).items()}
         lora.alpha_pattern = {k: 2 * v for k, v in (lora.alpha_pattern or {}).items()}
     elif form == "pissa":
-        state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER)
+        state = get_peft_model_state_dict(peft_model, state_dict=full, adapter_name=ADAPTER)
     else:
         raise ValueError(f"form must be 'lora' or 'pissa'; got {form!r}")
+    if not is_main_process():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
     lora.init_lora_weights = True
     lora.inference_mode = True
     if lora.base_model_name_or_path is None:

@@ -69,7 +69,7 @@ def load_model_for(experiment: Experiment, *, name: str | None = None) -> tuple[
                           trust_remote_code=m.trust_remote_code)
     spec = task_spec_for(experiment)
     return load_model(name or m.name, task="nlu", num_labels=spec.num_labels, problem_type=spec.problem_type,
-                      dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+                      dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code, pooling=m.pooling)
 
 
 def prepare(experiment: Experiment, *, model: Any = None, tokenizer: Any = None) -> Prepared:

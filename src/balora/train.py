@@ -3,6 +3,7 @@ train, evaluate, and write the run directory (`balora.rundir`, which documents t
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from balora.adapter import get_balora_model, save_adapter
 from balora.experiment import ConfigError, Experiment
 from balora.prepare import Prepared, evaluate_splits, prepare, training_seed
 from balora.trainer import BALoRATrainer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +57,7 @@ def train_experiment(experiment: Experiment, *, resume: bool = False, overwrite:
     args = experiment.training_arguments()
     with rundir.claimed(run_dir, resume=resume, overwrite=overwrite, main=args.should_save):
         prepared = prepare(experiment)
+        _start_regression_head(prepared)
         trained, config = adapt(experiment, prepared.model)
         if args.should_save and not resume:  # a resumed run rewrites its files only once it has finished
             rundir.write_config(run_dir, experiment, config)
@@ -73,12 +77,25 @@ def train_experiment(experiment: Experiment, *, resume: bool = False, overwrite:
         if not args.should_save:  # another process of a distributed run: its part of a sharded save only
             if config.method == "full":
                 trainer.save_model()
+            else:  # an FSDP-sharded adapter is gathered by every rank; rank 0 writes it (balora.distributed)
+                save_adapter(trained, run_dir / rundir.ADAPTER)
             return TrainResult(str(run_dir), metrics, rundir.last_terms(trainer.state.log_history))
         final_terms = rundir.write_run(
             run_dir, experiment=experiment, balora_config=config, save_weights=_saver(trainer, trained, prepared),
             metrics=metrics, stats=prepared.stats, log_history=trainer.state.log_history,
         )
     return TrainResult(str(run_dir), metrics, final_terms)
+
+
+def _start_regression_head(prepared: Prepared) -> None:
+    """`model.regression_bias: mean`: a regression head's output bias starts at the training labels' mean."""
+    if prepared.spec is None or not prepared.spec.regression or prepared.experiment.model.regression_bias != "mean":
+        return
+    from balora.heads import set_output_bias
+
+    labels = prepared.train["labels"]
+    if not set_output_bias(prepared.model, float(sum(labels) / max(len(labels), 1))):
+        logger.warning("model.regression_bias 'mean': the head's output layer has no bias; it starts at 0")
 
 
 def _saver(trainer: BALoRATrainer, trained: Any, prepared: Prepared) -> Any:
