@@ -20,6 +20,8 @@ program that escapes the guard can signal any process root can. Run code you do 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import secrets
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -38,9 +41,23 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
+from balora.eval.isolation import (
+    FALLBACK_WARNING,
+    Isolation,
+    IsolationUnavailable,
+    Probe,
+    bwrap_command,
+    reserved_uid,
+    resolve,
+)
+
+__all__ = ["ExecResult", "IsolationUnavailable", "TestedProgram", "isolation_in_use", "run_many", "run_program"]
+
 Status = Literal["passed", "failed", "timeout", "killed", "error"]
 
 _HARNESS = Path(__file__).with_name("_sandbox_harness.py")
+_CHECKER = Path(__file__).with_name("_sandbox_checker.py")
+_WIRE = Path(__file__).with_name("_sandbox_wire.py")
 _RESULT_CAP = 64 * 1024
 _CLEANUP_GRACE_S = 2.0
 _SIGNAL_REASONS = {
@@ -65,6 +82,7 @@ class ExecResult:
     reason: str
     output_tail: str
     duration_s: float
+    isolated: bool = False  # ran in Linux namespaces (else with the in-process guards only)
 
 
 def _check_limits(timeout: float, memory_mb: int, file_size_mb: int, max_processes: int | None) -> None:
@@ -211,8 +229,84 @@ def _classify(
     return "error", f"process exited with status {returncode} without a report"
 
 
+@dataclass(frozen=True)
+class TestedProgram:
+    """A solution and its tests, run in separate processes: the tests in the checker, which decides the verdict.
+
+    setup: trusted code run in the checker first (HumanEval's prompt, MBPP's test_setup_code); then the names the
+    solution defines and setup does not are bound to proxies of the solution's objects, and so are the names in
+    `replace` (HumanEval's entry point, whose prompt stub setup defines); then the tests run.
+    """
+
+    solution: str
+    tests: str
+    setup: str = ""
+    replace: tuple[str, ...] = ()
+
+
+def isolation_in_use(isolation: Isolation = "auto") -> Probe:
+    """What `run_program(..., isolation=isolation)` will use here; warns (once) when "auto" falls back to guards."""
+    found = resolve(isolation)
+    if isolation == "auto" and not found.available:
+        _warn_fallback(found.detail)
+    return found
+
+
+@functools.cache
+def _warn_fallback(detail: str) -> None:
+    message = FALLBACK_WARNING.format(reason=detail)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _spawn(command: list[str], root: Path, output: int, pass_fds: tuple[int, ...]) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, cwd=root, env=_minimal_env(root), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+        pass_fds=pass_fds, start_new_session=True,
+    )  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen, marker: str) -> None:
+    """Kill a process's session, then any process still carrying `marker` (the sample's temporary directory) in its
+    command line: a PID namespace dies with its first process, but the kernel empties it asynchronously."""
+    _kill_session(proc.pid)
+    proc.wait()
+    needle = marker.encode()
+    for _ in range(400):
+        left = []
+        for name in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        left.append(int(name))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        left = [pid for pid in left if pid != os.getpid() and pid in _live(left)]
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.005)
+    raise RuntimeError(f"sandbox: processes {left} of {marker} survived 400 rounds of SIGKILL")
+
+
+def _live(pids: list[int]) -> set[int]:
+    live = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
+                    live.add(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return live
+
+
 def run_program(
-    code: str,
+    program: str | TestedProgram,
     *,
     timeout: float = 10.0,
     memory_mb: int = 2048,
@@ -220,75 +314,135 @@ def run_program(
     max_processes: int | None = 64,
     guard: bool = True,
     output_chars: int = 2000,
+    isolation: Isolation = "auto",
 ) -> ExecResult:
-    """Run `code` (a whole program: solution and tests) in the sandbox described in the module docstring.
+    """Run `program` in the sandbox described in the module docstring.
 
-    timeout: wall-clock seconds before the whole process group is killed (the CPU limit is the same, rounded up).
+    program: a whole program (solution and tests in one process; its verdict can be forged from inside, see
+    docs/eval.md), or a TestedProgram (tests in the checker; the verdict cannot be forged).
+    timeout: wall-clock seconds before everything is killed (the CPU limit is the same, rounded up).
     memory_mb: address-space limit (RLIMIT_AS). file_size_mb: largest file the program may write, its output
-    included (RLIMIT_FSIZE). max_processes: extra processes allowed (RLIMIT_NPROC; root is exempt from it).
-    guard: install the audit hook that refuses writes outside the temporary directory, new processes and signals.
+    included (RLIMIT_FSIZE). max_processes: extra processes allowed (RLIMIT_NPROC; binds root only under isolation).
+    guard: install the audit hook (writes outside the temporary directory, new processes, signals, ...).
+    isolation: "auto" (namespaces where available, else the guards with a warning), "strict" (raise
+    IsolationUnavailable without namespaces), "off" (the guards only).
     Never raises because of what the program does; raises ValueError for bad limits.
     """
     _check_limits(timeout, memory_mb, file_size_mb, max_processes)
+    isolated = isolation_in_use(isolation).available
     start = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="balora-sandbox-"))
     fds: list[int] = []
+    procs: list[subprocess.Popen] = []
+    uid_context = reserved_uid() if isolated else contextlib.nullcontext(None)
     try:
-        root = tmp / "work"
-        root.mkdir()
-        (tmp / "program.py").write_text(code, encoding="utf-8")
-        token = secrets.token_hex(16).encode()
-        token_r, token_w = os.pipe()
-        result_r, result_w = os.pipe()
-        fds += [token_r, token_w, result_r, result_w]
-        os.write(token_w, token)
-        config = {
-            "token_fd": token_r,
-            "result_fd": result_w,
-            "program": str(tmp / "program.py"),
-            "root": str(root),
-            "guard": guard,
-            "limits": {
-                "cpu_s": int(timeout) + 1,
-                "address_space": memory_mb * 1024 * 1024,
-                "file_size": file_size_mb * 1024 * 1024,
-                "max_processes": max_processes,
-            },
-        }
-        with open(tmp / "output", "wb") as output:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", str(_HARNESS), json.dumps(config)],
-                cwd=root,
-                env=_minimal_env(root),
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                pass_fds=(token_r, result_w),
-                start_new_session=True,
-            )
-        for fd in (token_r, token_w, result_w):  # the child holds its own copies
-            os.close(fd)
-            fds.remove(fd)
-        try:
-            timed_out = _wait(proc, timeout)
-            if timed_out:  # the supervisor kills the program and all its descendants, then exits
-                proc.terminate()
-                _wait(proc, _CLEANUP_GRACE_S)
-        finally:
-            _kill_session(proc.pid)  # also on KeyboardInterrupt, or if the program killed the supervisor
-            proc.wait()
-        records = _read_available(result_r).split(b"\n")
-        status, reason = _classify(timed_out, proc.returncode, records, token, timeout)
-        tail = _tail(tmp / "output", output_chars)
+        with uid_context as uid:
+            root = tmp / "work"
+            root.mkdir()
+            if uid is not None:
+                os.chown(root, uid, uid)
+            tested = isinstance(program, TestedProgram)
+            (tmp / "program.py").write_text(program.solution if tested else program, encoding="utf-8")
+            config: dict = {
+                "mode": "serve" if tested else "program",
+                "program": str(tmp / "program.py"),
+                "root": str(root),
+                "guard": guard,
+                "wire": str(_WIRE),
+                "limits": {
+                    "cpu_s": int(timeout) + 1,
+                    "address_space": memory_mb * 1024 * 1024,
+                    "file_size": file_size_mb * 1024 * 1024,
+                    "max_processes": max_processes,
+                },
+            }
+            prefix = []
+            if isolated:
+                readable = (str(tmp / "program.py"), str(_HARNESS.parent))
+                bwrap = shutil.which("bwrap") or "bwrap"
+                prefix = bwrap_command(bwrap, uid, writable=str(root), readable=readable, env=_minimal_env(root))
+
+            def pipe() -> tuple[int, int]:
+                r, w = os.pipe()
+                fds.extend((r, w))
+                return r, w
+
+            def close(*ends: int) -> None:
+                for fd in ends:
+                    os.close(fd)
+                    fds.remove(fd)
+
+            result_r, result_w = pipe()
+            output = os.open(tmp / "output", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fds.append(output)
+            if tested:
+                request_r, request_w = pipe()
+                response_r, response_w = pipe()
+                config |= {"request_fd": request_r, "response_fd": response_w}
+                command = prefix + [sys.executable, "-I", str(_HARNESS), json.dumps(config)]
+                procs.append(_spawn(command, root, output, (request_r, response_w)))
+                checker_config = {
+                    "request_fd": request_w, "response_fd": response_r, "result_fd": result_w, "wire": str(_WIRE),
+                    "setup": program.setup, "tests": program.tests, "replace": list(program.replace),
+                    "limits": config["limits"],
+                }  # fmt: skip
+                command = [sys.executable, "-I", str(_CHECKER), json.dumps(checker_config)]
+                procs.append(_spawn(command, tmp, output, (request_w, response_r, result_w)))
+                close(request_r, request_w, response_r, response_w, result_w, output)
+            else:
+                token_r, token_w = pipe()
+                os.write(token_w, token := secrets.token_hex(16).encode())
+                config |= {"token_fd": token_r, "result_fd": result_w}
+                command = prefix + [sys.executable, "-I", str(_HARNESS), json.dumps(config)]
+                procs.append(_spawn(command, root, output, (token_r, result_w)))
+                close(token_r, token_w, result_w, output)
+            try:
+                timed_out = _wait(procs[-1], timeout)  # the checker, or the whole program
+                if timed_out and not tested:  # the supervisor kills the program and all its descendants, then exits
+                    procs[-1].terminate()
+                    _wait(procs[-1], _CLEANUP_GRACE_S)
+                if tested and not timed_out:  # the checker is done: the solution's process ends at end of file
+                    _wait(procs[0], _CLEANUP_GRACE_S)
+            finally:
+                for proc in reversed(procs):  # also on KeyboardInterrupt, or if the program killed the supervisor
+                    _stop(proc, str(tmp))
+            records = _read_available(result_r).split(b"\n")
+            returncode = procs[0].returncode
+            if isolated and returncode > 128:  # bwrap reports a death by signal N as 128 + N
+                returncode = 128 - returncode
+            if tested:
+                status, reason = _classify_tested(timed_out, returncode, records, timeout)
+            else:
+                status, reason = _classify(timed_out, returncode, records, token, timeout)
+            tail = _tail(tmp / "output", output_chars)
     finally:
         for fd in fds:
             os.close(fd)
         _remove_tree(tmp)
-    return ExecResult(status == "passed", status, reason, tail, time.monotonic() - start)
+    return ExecResult(status == "passed", status, reason, tail, time.monotonic() - start, isolated)
+
+
+def _classify_tested(timed_out: bool, returncode: int, records: list[bytes], timeout: float) -> tuple[Status, str]:
+    if timed_out:
+        return "timeout", f"wall-clock timeout after {timeout:g} s"
+    try:
+        verdict = json.loads(records[0])
+        status, reason = str(verdict["status"]), str(verdict["reason"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+        return "error", "the checker ended without a verdict (killed by its own limits?)"
+    if status in ("passed", "failed", "error"):
+        return status, reason  # type: ignore[return-value]
+    # "gone": the solution's process ended while the tests were running
+    if returncode < 0:
+        sig = signal.Signals(-returncode)
+        return "killed", _SIGNAL_REASONS.get(sig, f"killed by {sig.name}")
+    if returncode == 0:
+        return "failed", "process exited with status 0 before the tests finished"
+    return "error", f"process exited with status {returncode} before the tests finished"
 
 
 def run_many(
-    programs: Sequence[str],
+    programs: Sequence[str | TestedProgram],
     *,
     workers: int | None = None,
     progress: bool = True,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from balora.eval.answers import extract_gsm8k_answer, extract_math_answer, gsm8k_correct, math_equal
-from balora.eval.code import extract_code, humaneval_program, mbpp_program, mean_pass_at_k
+from balora.eval.code import extract_code, humaneval_tested, mbpp_tested, mean_pass_at_k
 from balora.eval.files import read_rows, write_json_atomic, write_jsonl_atomic
 from balora.eval.generate import Backend, generate
 from balora.eval.problems import (
@@ -191,10 +191,10 @@ def _score_code(
         for output in outputs:
             if spec.name == "humaneval":
                 extracted.append(extract_code(output, entry_point=problem.row["entry_point"]))
-                programs.append(humaneval_program(problem.row, output))
+                programs.append(humaneval_tested(problem.row, output))
             else:
                 extracted.append(_mbpp_code(output))
-                programs.append(mbpp_program(problem.row, extracted[-1]))
+                programs.append(mbpp_tested(problem.row, extracted[-1]))
     desc = f"running {spec.name} tests"
     results = run_many(programs, workers=workers, progress=progress, desc=desc, timeout=timeout)
     return [
