@@ -24,10 +24,11 @@ GENERATION_TASKS = ("gsm8k", "math", "mbpp", "humaneval", "perplexity")
 
 def _input_errors() -> tuple[type[BaseException], ...]:
     from balora.data.records import DataError
+    from balora.eval.isolation import IsolationUnavailable
     from balora.experiment import ConfigError
     from balora.models import ModelLoadError
 
-    return (ConfigError, DataError, ModelLoadError, FileNotFoundError, FileExistsError)
+    return (ConfigError, DataError, ModelLoadError, IsolationUnavailable, FileNotFoundError, FileExistsError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-samples", type=int, default=1, help="samples per problem for pass@k (default 1: greedy)")
     ev.add_argument("--temperature", type=float, default=0.0, help="sampling temperature when --n-samples > 1")
     ev.add_argument("--output-dir", help="where to write results (default: RUN_DIR/eval-TASK or eval-TASK)")
+    ev.add_argument("--isolation", choices=("auto", "strict", "off"), default="auto",
+                    help="code tasks: run generated code in Linux namespaces (bubblewrap); auto falls back to the "
+                    "in-process guards with a warning, strict refuses without namespaces (default auto)")
 
     ex = sub.add_parser("export", help="export a run's adapter as plain LoRA or as a merged model")
     ex.add_argument("run_dir", help="a run directory written by `balora train`")

@@ -72,7 +72,8 @@ def evaluate_command(args: argparse.Namespace) -> str:
         from balora.eval.tasks import score_samples
 
         out = Path(args.output_dir or f"eval-{args.task}")
-        summary = score_samples(args.task, args.samples, data_file=args.data_file, out_dir=out)
+        summary = score_samples(args.task, args.samples, data_file=args.data_file, out_dir=out,
+                                isolation=args.isolation)
         return f"{args.task}: {_summary_line(summary)}; results in {out}"
     if bool(args.run) == bool(args.config):
         raise ConfigError("give either a config file (evaluates the base model) or --run RUN_DIR, not both or none")
@@ -100,6 +101,7 @@ def evaluate_command(args: argparse.Namespace) -> str:
             template=experiment.data.template,
             n_samples=args.n_samples,
             temperature=args.temperature,
+            isolation=args.isolation,
             out_dir=out,
         )
         return f"{args.task}: {_summary_line(summary)}; results in {out}"

@@ -1,12 +1,12 @@
 """Plain-data wire format between the sandboxed solution and the checker that runs its tests. Standard library only.
 
 A value crosses by value only if it is (an instance of) None, bool, int, float, complex, str, bytes, bytearray, list,
-tuple, dict, set, frozenset, range, Fraction or Decimal, recursively, or a built-in type or function (`int`, `len`); it is rebuilt on the other side as the exact
-built-in type, read through the built-in type's own methods (`int.__index__`, `list.__iter__`, `dict.items`, ...),
-so a subclass's `__eq__`, `__iter__` or `__hash__` never runs on the checker's side and never reaches its asserts.
-Anything else (a function, a class, a generator, an object of the solution's own class) stays where it is and crosses
-as `["ref", n]`, a handle that the other side can only use through further requests. Decoding builds no object but
-these (no pickle, no eval).
+tuple, dict, set, frozenset, range, Fraction or Decimal, recursively, or a built-in type or function (`int`, `len`);
+it is rebuilt on the other side as the exact built-in type, read through the built-in type's own methods
+(`int.__index__`, `list.__iter__`, `dict.items`, ...), so a subclass's `__eq__`, `__iter__` or `__hash__` never runs
+on the checker's side and never reaches its asserts. Anything else (a function, a class, a generator, an object of
+the solution's own class) stays where it is and crosses as `["ref", n]`, a handle that the other side can only use
+through further requests. Decoding builds no object but these (no pickle, no eval).
 """
 
 import builtins

@@ -51,7 +51,13 @@ from balora.eval.isolation import (
     resolve,
 )
 
-__all__ = ["ExecResult", "IsolationUnavailable", "TestedProgram", "isolation_in_use", "run_many", "run_program"]
+__all__ = [
+    "FALLBACK_WARNING",
+    "ExecResult",
+    "Isolation",
+    "IsolationUnavailable", "TestedProgram", "isolation_in_use", "run_many",
+    "run_program",
+]
 
 Status = Literal["passed", "failed", "timeout", "killed", "error"]
 
@@ -451,17 +457,23 @@ def run_many(
 ) -> list[ExecResult]:
     """Run programs in parallel (a pool of `workers` threads, each waiting on one sandboxed process); results in order.
 
-    workers defaults to the number of CPUs. `limits` are passed to `run_program` (timeout, memory_mb, ...).
+    workers defaults to the number of CPUs. `limits` are passed to `run_program` (timeout, memory_mb, isolation, ...).
+    A sandbox that fails to start or to clean up (an OS error) is that program's failed result, never an exception
+    here; bad limits and isolation="strict" without namespaces raise before anything runs.
     """
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}")
+    defaults = {"timeout": 10.0, "memory_mb": 2048, "file_size_mb": 16, "max_processes": 64}
+    checked = defaults | {k: v for k, v in limits.items() if k in defaults}
+    _check_limits(**checked)  # type: ignore[arg-type]
+    isolation_in_use(limits.get("isolation", "auto"))  # type: ignore[arg-type]
     results: list[ExecResult | None] = [None] * len(programs)
     with (
         ThreadPoolExecutor(max_workers=workers) as pool,
         tqdm(total=len(programs), desc=desc, disable=not progress, unit="prog") as bar,
     ):
-        futures = {pool.submit(run_program, code, **limits): i for i, code in enumerate(programs)}  # type: ignore[arg-type]
+        futures = {pool.submit(_run_safely, code, limits): i for i, code in enumerate(programs)}
         try:
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
@@ -471,3 +483,10 @@ def run_many(
                 future.cancel()
             raise
     return [r for r in results if r is not None]
+
+
+def _run_safely(program: str | TestedProgram, limits: dict) -> ExecResult:
+    try:
+        return run_program(program, **limits)
+    except Exception as exc:  # noqa: BLE001 - a crashed sandbox is a failed sample, not a crashed evaluation
+        return ExecResult(False, "error", f"sandbox failure: {type(exc).__name__}: {exc}"[:1000], "", 0.0)
