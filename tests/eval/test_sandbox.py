@@ -159,10 +159,12 @@ def test_deleting_files_in_the_parents_cwd_fails(canary_cwd: Path):
         assert canary.read_text() == "alive", code
 
 
-def test_no_stray_processes_survive():
+@pytest.mark.parametrize("isolation", ["auto", "off"])
+def test_no_stray_processes_survive(isolation: str):
     """Without the guard, a program forks a tree that leaves its process group and session; none survives."""
     code = (
         "import os, time\n"
+        "print('dir', os.path.dirname(os.getcwd()), flush=True)\n"
         "for i in range(4):\n"
         "    if os.fork() == 0:\n"
         "        if i == 0:\n"
@@ -177,11 +179,17 @@ def test_no_stray_processes_survive():
         "        time.sleep(1000)\n"
         "time.sleep(1000)\n"
     )
-    result = run_program(code, timeout=2, guard=False, output_chars=100_000)
-    pids = [int(line.split()[1]) for line in result.output_tail.splitlines() if line.startswith("pid ")]
+    result = run_program(code, timeout=2, guard=False, output_chars=100_000, isolation=isolation)
+    lines = result.output_tail.splitlines()
+    pids = [int(line.split()[1]) for line in lines if line.startswith("pid ")]
     assert result.status == "timeout"
     assert len(pids) == 32
-    assert not [pid for pid in pids if alive(pid)]
+    if not result.isolated:  # the pids are this machine's (under isolation, those of the sample's PID namespace)
+        assert not [pid for pid in pids if alive(pid)]
+    # Every process of the tree carries the sample's temporary directory in its command line (the harness config).
+    sandbox_dir = next(line.split()[1] for line in lines if line.startswith("dir "))
+    assert not [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                if alive(pid) and sandbox_dir.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
 
 
 def test_bad_limits_are_rejected():

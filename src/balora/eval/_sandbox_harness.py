@@ -52,7 +52,7 @@ _BLOCKED_EVENTS = frozenset(
         "os.setuid",
     }
 )
-# Modules refused on import: `_posixsubprocess.fork_exec` starts processes without an audit event.
+# Modules refused on a fresh import: `_posixsubprocess.fork_exec` starts processes without an audit event.
 _BLOCKED_MODULES = ("_posixsubprocess",)
 # Functions without an audit event, removed from their modules in the program process.
 _REMOVED_FUNCTIONS = (
@@ -140,8 +140,22 @@ def _install_guard(root: str) -> None:
         elif event in _BLOCKED_EVENTS:
             raise PermissionError(f"sandbox: {event} is not allowed")
 
-    for name in _BLOCKED_MODULES:  # so that importing them again goes through the hook
-        sys.modules.pop(name, None)
+    real_open = os.open
+
+    def open_checking_dir_fd(path, flags, mode=0o777, *, dir_fd=None):  # noqa: ANN001, ANN202 - os.open's signature
+        # The audit "open" event does not carry dir_fd: check a write relative to a directory descriptor here.
+        if dir_fd is not None and flags & _WRITE_FLAGS and not inside(path, dir_fd):
+            refuse("writing", path)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    os.open = open_checking_dir_fd
+    sys.modules["posix"].open = open_checking_dir_fd
+    import _posixsubprocess  # stays imported, neutered; a fresh copy (after `del sys.modules[...]`) is refused
+
+    def fork_exec(*args: object) -> None:
+        raise PermissionError("sandbox: _posixsubprocess.fork_exec is not allowed")
+
+    _posixsubprocess.fork_exec = fork_exec
     for module_name, attribute in _REMOVED_FUNCTIONS:  # no audit event: removed (native code can still reach them)
         module = sys.modules.get(module_name)
         if module is not None and hasattr(module, attribute):

@@ -244,6 +244,8 @@ class TestedProgram:
     `replace` (HumanEval's entry point, whose prompt stub setup defines); then the tests run.
     """
 
+    __test__ = False  # not a pytest test class
+
     solution: str
     tests: str
     setup: str = ""
