@@ -1,21 +1,22 @@
-"""Run untrusted generated Python (HumanEval, MBPP) in a subprocess with limits, as the Codex paper's harness does.
+"""Run untrusted generated Python (HumanEval, MBPP) under OS isolation, with the tests in a separate checker.
 
-Each program runs in its own `python -I` process (`_sandbox_harness.py`) in a fresh temporary directory that is
-deleted afterwards, in a new session whose whole process group is killed when the program ends or times out, with
-limits on CPU time, address space, file size and (for non-root users) the number of processes, a minimal environment
-(HOME and TMPDIR inside the temporary directory, no inherited variables), stdin on /dev/null and stdout/stderr going
-to a file capped by the file-size limit. A pass is signalled by a random per-run token that the harness writes on a
-private pipe only after the whole program returned, so exit status 0 alone (`sys.exit(0)`, `os._exit(0)`) is a failure.
+Two layers. First, Linux namespaces through bubblewrap (`balora.eval.isolation`): each sample runs in its own PID
+namespace (every process it starts dies with it; it sees and can signal nothing else), network namespace (no
+network), mount namespace (a read-only view of /usr and the interpreter only, its own /proc, one writable temporary
+directory), as an unprivileged uid when the evaluator is root, with a cleared environment. Where namespaces are
+unavailable, `isolation="auto"` falls back to the second layer alone with a loud warning, and "strict" refuses.
+Second, today's in-process guards, kept under isolation too: a `python -I` process in a fresh temporary directory
+that is deleted afterwards, a new session whose process group is killed at the end, a disposable supervisor
+(`_sandbox_harness.py`) that is the program's parent and a child subreaper, limits on CPU time, address space, file
+size and processes, stdin on /dev/null, output to a file capped by the file-size limit, and (`guard=True`) a PEP 578
+audit hook that refuses writes outside the temporary directory, new processes, signals to others, ctypes, sockets,
+and reading other processes' /proc files.
 
-By default (`guard=True`) a PEP 578 audit hook in the program process refuses writes, deletions and renames outside
-the temporary directory, new processes (fork, exec, subprocess, os.system), signals to other processes, ctypes,
-setrlimit and sockets.
-
-THIS IS NOT A SECURITY BOUNDARY. It is not a container, a VM or a separate user: the program runs with your user id
-(root, here) and can read any file you can read. The audit hook stops accidents and simple hostile code; native code
-(a C extension already imported), a race between the hook's check and the use, or a program that inspects the
-harness's frames (to forge the pass token or undo the guard) can get around it. RLIMIT_NPROC does not bind root, and a
-program that escapes the guard can signal any process root can. Run code you do not trust at all in a container or VM.
+The verdict. A benchmark sample is a `TestedProgram`: the solution runs sandboxed and answers requests; the tests run
+in a separate checker process (`_sandbox_checker.py`) that gets the solution's return values as plain data
+(`_sandbox_wire.py`) and writes the verdict on a pipe only it holds. A plain string is run as one program (solution
+and tests in one process) and passes when a per-run token comes back after the last statement: code that inspects
+the harness's frames can forge that, so benchmarks are never scored that way. docs/eval.md has the threat model.
 """
 
 from __future__ import annotations
