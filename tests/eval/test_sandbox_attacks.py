@@ -195,7 +195,7 @@ def test_an_isolated_program_runs_unprivileged_alone_and_offline():
     result = run_program(code, isolation="strict", guard=False)
     assert result.passed and result.isolated
     uid, pid, procs = (int(x) for x in result.output_tail.split()[1:6:2])
-    assert uid != 0 and (os.getuid() != 0 or uid >= 2_000_000_000)  # as root here: a uid of its own
+    assert uid != 0 and (os.getuid() != 0 or uid >= 2_000_000_000)  # as root: a uid of its own, unprivileged
     assert pid < 10 and procs <= 4  # its own PID namespace: bwrap's init, the supervisor, the program
     assert "network down" in result.output_tail and "read-only" in result.output_tail
     assert not Path("/usr/balora-escape").exists()

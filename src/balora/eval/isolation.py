@@ -2,7 +2,7 @@
 
 Each sandboxed program runs under `bwrap` in new PID, network, IPC, UTS and cgroup namespaces and a mount namespace
 whose root is an empty read-only tmpfs holding only read-only binds of what Python needs (`/usr`, the interpreter's
-prefix, the virtual environment and `sys.path` directories), `/etc/ld.so.cache`, a fresh `/proc` of its own PID
+prefixes and the virtual environment), `/etc/ld.so.cache`, a fresh `/proc` of its own PID
 namespace, a minimal `/dev`, and one writable directory: the sample's own temporary directory. The environment is
 cleared (`--clearenv`); `--die-with-parent` ends the namespace (and so every process in it) when the evaluator's
 process goes away. As root, `bwrap` runs without a user namespace and `setpriv` drops to an unprivileged uid (one
@@ -30,11 +30,13 @@ from typing import Literal
 Isolation = Literal["auto", "strict", "off"]
 ISOLATION_CHOICES: tuple[str, ...] = ("auto", "strict", "off")
 
-# uids handed to concurrent sandboxes when the evaluator is root; far above ordinary users, with no passwd entry.
+# uids handed to concurrent sandboxes when the evaluator is root: far above ordinary users, with no passwd entry; a
+# block of 4,096 per evaluator process (by pid), so that two evaluators (pytest-xdist workers) do not share one.
 _UID_BASE = 2_000_000_000
 _UID_COUNT = 4096
 _uids_lock = threading.Lock()
-_uids_free = list(range(_UID_BASE + _UID_COUNT - 1, _UID_BASE - 1, -1))
+_uids_free: list[int] = []
+_uids_pid = 0
 
 FALLBACK_WARNING = (
     "code sandbox: Linux namespaces are unavailable ({reason}); generated code runs with the in-process guards only "
@@ -90,7 +92,12 @@ def reserved_uid() -> Iterator[int | None]:
     if os.geteuid() != 0:
         yield None
         return
+    global _uids_pid
     with _uids_lock:
+        if _uids_pid != os.getpid():  # first use in this process (or after a fork): this process's block
+            first = _UID_BASE + (os.getpid() % 262_144) * _UID_COUNT
+            _uids_free[:] = range(first + _UID_COUNT - 1, first - 1, -1)
+            _uids_pid = os.getpid()
         if not _uids_free:
             raise RuntimeError(f"more than {_UID_COUNT} concurrent sandboxes")
         uid = _uids_free.pop()
