@@ -221,7 +221,7 @@ def test_mbpp_reference_solutions_sample():
 
 @pytest.mark.slow
 def test_mbpp_reference_solutions_all():
-    """All 974 reference solutions: exactly 367 and 927 fail (about 60 s with 2 workers)."""
+    """All 974 reference solutions, in the layout `balora eval` scores: exactly 367 and 927 fail (minutes)."""
     rows = mbpp_rows()
     assert len(rows) == 974
     assert _mbpp_failures(rows) == MBPP_SELF_FAILING
