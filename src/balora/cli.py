@@ -27,11 +27,12 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
+    from balora.eval.isolation import IsolationUnavailable
     from balora.experiment import ConfigError
     from balora.io import DataError
     from balora.models import ModelLoadError
 
-    return (ConfigError, DataError, ModelLoadError)
+    return (ConfigError, DataError, ModelLoadError, IsolationUnavailable)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-samples", type=int, default=1, help="samples per problem for pass@k (default 1: greedy)")
     ev.add_argument("--temperature", type=float, default=0.0, help="sampling temperature when --n-samples > 1")
     ev.add_argument("--output-dir", help="where to write results (default: RUN_DIR/eval-TASK or eval-TASK)")
+    ev.add_argument("--isolation", choices=("auto", "strict", "off"), default="auto",
+                    help="code tasks: run generated code in Linux namespaces (bubblewrap); auto falls back to the "
+                    "in-process guards with a warning, strict refuses without namespaces (default auto)")
 
     ex = sub.add_parser("export", help="export a run's adapter as plain LoRA or as a merged model")
     ex.add_argument("run_dir", help="a run directory written by `balora train`")
@@ -157,11 +161,13 @@ def cmd_eval(args: argparse.Namespace, rest: Any = None, argv: Any = None) -> in
     if args.samples:
         if not args.task or args.task == "perplexity":
             raise ConfigError("--samples needs --task gsm8k, math, mbpp or humaneval (the benchmark they answer)")
-        result = score_completions(args.task, args.samples, data_file=args.data_file, output_dir=args.output_dir)
+        result = score_completions(args.task, args.samples, data_file=args.data_file, output_dir=args.output_dir,
+                                   isolation=args.isolation)
     else:
         result = evaluate(run=args.run, config=args.config, task=args.task, data_file=args.data_file,
                           limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          n_samples=args.n_samples, temperature=args.temperature, output_dir=args.output_dir)
+                          n_samples=args.n_samples, temperature=args.temperature, output_dir=args.output_dir,
+                          isolation=args.isolation)
     if args.task:
         keys = [k for k in result.figures if k.startswith(("accuracy", "pass@", "perplexity"))]
         shown = ", ".join(f"{k} = {result.figures[k]:.4f}" for k in keys)

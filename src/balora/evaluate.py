@@ -20,18 +20,18 @@ class EvalResult:
 
 
 def score_completions(task: str, samples_file: str | Path, *, data_file: str | Path | None = None,
-                      output_dir: str | Path | None = None) -> EvalResult:
+                      output_dir: str | Path | None = None, isolation: str = "auto") -> EvalResult:
     """Score a JSONL of completions (task_id or index, completion) for `task`; loads no model."""
     from balora.eval.tasks import score_samples
 
     out = Path(output_dir or f"eval-{task}")
-    return EvalResult(out, score_samples(task, samples_file, data_file=data_file, out_dir=out))
+    return EvalResult(out, score_samples(task, samples_file, data_file=data_file, out_dir=out, isolation=isolation))
 
 
 def evaluate(*, run: str | Path | None = None, config: str | Path | None = None, task: str | None = None,
              data_file: str | Path | None = None, limit: int | None = None, batch_size: int = 8,
              max_new_tokens: int = 512, n_samples: int = 1, temperature: float = 0.0,
-             output_dir: str | Path | None = None) -> EvalResult:
+             output_dir: str | Path | None = None, isolation: str = "auto") -> EvalResult:
     """Evaluate a run (base + its adapter, or its full model) or, from a config, the base model alone.
 
     Without `task`: the experiment's validation split (metrics.json); with `task`: a generation benchmark
@@ -56,7 +56,7 @@ def evaluate(*, run: str | Path | None = None, config: str | Path | None = None,
     summary = evaluate_generation(
         model, tokenizer, task, data_file=data_file, limit=limit, batch_size=batch_size,
         max_new_tokens=max_new_tokens, template=experiment.data.template, n_samples=n_samples,
-        temperature=temperature, out_dir=out,
+        temperature=temperature, isolation=isolation, out_dir=out,
     )
     return EvalResult(out, summary)
 

@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from balora.eval.code import extract_code, humaneval_program, mbpp_prompt, mean_pass_at_k, pass_at_k
+from balora.eval.code import (
+    extract_code,
+    humaneval_program,
+    humaneval_tested,
+    mbpp_prompt,
+    mean_pass_at_k,
+    pass_at_k,
+)
 from balora.eval.sandbox import run_many
 
 FIXTURE = Path(__file__).with_name("humaneval_fixture.jsonl")
@@ -49,11 +56,19 @@ def test_extract_code_prefers_the_block_defining_the_entry_point():
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
     problems = fixture_problems()
     wrong_body = "    return None\n"
-    programs = [humaneval_program(p, p["canonical_solution"]) for p in problems]
-    programs += [humaneval_program(p, wrong_body) for p in problems]
-    results = run_many(programs, workers=2, progress=False)
-    assert [r.passed for r in results] == [True] * len(problems) + [False] * len(problems)
-    assert all(r.status == "failed" for r in results[len(problems) :])
+    for build in (humaneval_program, humaneval_tested):  # one process, and the checker layout that is scored
+        programs = [build(p, p["canonical_solution"]) for p in problems] + [build(p, wrong_body) for p in problems]
+        results = run_many(programs, workers=2, progress=False)
+        assert [r.passed for r in results] == [True] * len(problems) + [False] * len(problems)
+        assert all(r.status == "failed" for r in results[len(problems) :])
+
+
+def test_humaneval_tested_splits_the_program():
+    problem = fixture_problems()[0]
+    tested = humaneval_tested(problem, problem["canonical_solution"])
+    whole = humaneval_program(problem, problem["canonical_solution"])
+    assert whole == tested.solution[:-1] + "\n\n" + tested.tests  # the same code, cut before the tests
+    assert (tested.setup, tested.replace) == (problem["prompt"], (problem["entry_point"],))
 
 
 def test_humaneval_whole_function_in_a_fenced_block():
@@ -65,16 +80,17 @@ def test_humaneval_whole_function_in_a_fenced_block():
     )
     program = humaneval_program(problem, completion)
     assert program.startswith(problem["prompt"])  # the prompt's imports are kept
-    assert run_many([program], progress=False)[0].passed
+    assert [r.passed for r in run_many([program, humaneval_tested(problem, completion)], progress=False)] == [True] * 2
 
 
 def test_humaneval_early_exit_in_completion_is_not_a_pass():
     problem = fixture_problems()[0]
     results = run_many(
-        [humaneval_program(problem, "    import sys\n    sys.exit(0)\n"), humaneval_program(problem, "    exit()\n")],
+        [build(problem, body) for build in (humaneval_program, humaneval_tested)
+         for body in ("    import sys\n    sys.exit(0)\n", "    exit()\n")],
         progress=False,
-    )
-    assert [r.status for r in results] == ["failed", "failed"]
+    )  # fmt: skip
+    assert [r.status for r in results] == ["failed"] * 4
 
 
 def test_mbpp_prompt_shows_the_tests():

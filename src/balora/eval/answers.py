@@ -43,8 +43,13 @@ def _format_fraction(value: Fraction) -> str:
     return f"{value.numerator}/{value.denominator}"
 
 
+_MAX_NUMBER_CHARS = 1000  # longer digit runs are not answers (and int() refuses over 4,300 digits)
+
+
 def _numbers(text: str) -> list[str]:
-    return [m.group(0) for m in _NUMBER.finditer(_clean_number_text(text))]
+    """Number tokens of `text`, without those that are no number: `a/0`, or over 1,000 characters."""
+    found = [m.group(0) for m in _NUMBER.finditer(_clean_number_text(text))]
+    return [t for t in found if len(t) <= _MAX_NUMBER_CHARS and not re.search(r"/0+$", t)]
 
 
 def extract_gsm8k_answer(text: str) -> str | None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from balora.eval.sandbox import TestedProgram
+
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.DOTALL)
 _PYTHON_TAGS = {"", "python", "py", "python3", "py3"}
 _MAIN_GUARD = re.compile(r"^if\s+__name__\s*==\s*['\"]__main__['\"]\s*:", re.MULTILINE)
@@ -61,6 +63,24 @@ def humaneval_program(problem: Mapping[str, Any], completion: str) -> str:
     else:
         body = problem["prompt"] + code
     return f"{body}\n\n{problem['test']}\n\ncheck({entry_point})\n"
+
+
+def humaneval_tested(problem: Mapping[str, Any], completion: str) -> TestedProgram:
+    """HumanEval's program split for the sandbox's checker: the solution (prompt and completion, joined as in
+    `humaneval_program`) runs sandboxed; the prompt (trusted helpers), `test` and `check(entry_point)` run in the
+    checker, with the entry point bound to the solution's function."""
+    entry_point = problem["entry_point"]
+    program = humaneval_program(problem, completion)
+    solution = program[: program.rindex(f"\n\n{problem['test']}")]
+    tests = f"{problem['test']}\n\ncheck({entry_point})\n"
+    return TestedProgram(solution + "\n", tests, setup=problem["prompt"], replace=(entry_point,))
+
+
+def mbpp_tested(problem: Mapping[str, Any], code: str, *, challenge: bool = False) -> TestedProgram:
+    """MBPP's program split for the sandbox's checker: the candidate code runs sandboxed; `test_setup_code` and the
+    `test_list` asserts run in the checker."""
+    tests = list(problem["test_list"]) + (list(problem.get("challenge_test_list") or []) if challenge else [])
+    return TestedProgram(code, "\n".join(tests) + "\n", setup=problem.get("test_setup_code") or "")
 
 
 def mbpp_program(problem: Mapping[str, Any], code: str, *, challenge: bool = False) -> str:

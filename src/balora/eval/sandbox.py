@@ -1,35 +1,38 @@
-"""Run untrusted generated Python (HumanEval, MBPP) in a subprocess with limits, as the Codex paper's harness does.
+"""Run untrusted generated Python (HumanEval, MBPP) under OS isolation, with the tests in a separate checker.
 
-Each program runs in its own `python -I` process (`_sandbox_harness.py`) in a fresh temporary directory that is
-deleted afterwards, in a new session whose whole process group is killed when the program ends or times out, with
-limits on CPU time, address space, file size and (for non-root users) the number of processes, a minimal environment
-(HOME and TMPDIR inside the temporary directory, no inherited variables), stdin on /dev/null and stdout/stderr going
-to a file capped by the file-size limit. A pass is signalled by a random per-run token that the harness writes on a
-private pipe only after the whole program returned, so exit status 0 alone (`sys.exit(0)`, `os._exit(0)`) is a failure.
+Two layers. First, Linux namespaces through bubblewrap (`balora.eval.isolation`): each sample runs in its own PID
+namespace (every process it starts dies with it; it sees and can signal nothing else), network namespace (no
+network), mount namespace (a read-only view of /usr and the interpreter only, its own /proc, one writable temporary
+directory), as an unprivileged uid when the evaluator is root, with a cleared environment. Where namespaces are
+unavailable, `isolation="auto"` falls back to the second layer alone with a loud warning, and "strict" refuses.
+Second, today's in-process guards, kept under isolation too: a `python -I` process in a fresh temporary directory
+that is deleted afterwards, a new session whose process group is killed at the end, a disposable supervisor
+(`_sandbox_harness.py`) that is the program's parent and a child subreaper, limits on CPU time, address space, file
+size and processes, stdin on /dev/null, output to a file capped by the file-size limit, and (`guard=True`) a PEP 578
+audit hook that refuses writes outside the temporary directory, new processes, signals to others, ctypes, sockets,
+and reading other processes' /proc files.
 
-By default (`guard=True`) a PEP 578 audit hook in the program process refuses writes, deletions and renames outside
-the temporary directory, new processes (fork, exec, subprocess, os.system), signals to other processes, ctypes,
-setrlimit and sockets.
-
-THIS IS NOT A SECURITY BOUNDARY. It is not a container, a VM or a separate user: the program runs with your user id
-(root, here) and can read any file you can read. The audit hook stops accidents and simple hostile code; native code
-(a C extension already imported), a race between the hook's check and the use, or a program that inspects the
-harness's frames (to forge the pass token or undo the guard) can get around it. RLIMIT_NPROC does not bind root, and a
-program that escapes the guard can signal any process root can. Run code you do not trust at all in a container or VM.
+The verdict. A benchmark sample is a `TestedProgram`: the solution runs sandboxed and answers requests; the tests run
+in a separate checker process (`_sandbox_checker.py`) that gets the solution's return values as plain data
+(`_sandbox_wire.py`) and writes the verdict on a pipe only it holds. A plain string is run as one program (solution
+and tests in one process) and passes when a per-run token comes back after the last statement: code that inspects
+the harness's frames can forge that, so benchmarks are never scored that way. docs/eval.md has the threat model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import secrets
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -38,10 +41,30 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
+from balora.eval import _sandbox_processes as processes
+from balora.eval.isolation import (
+    FALLBACK_WARNING,
+    Isolation,
+    IsolationUnavailable,
+    Probe,
+    bwrap_command,
+    reserved_uid,
+    resolve,
+)
+
+__all__ = [
+    "FALLBACK_WARNING",
+    "ExecResult",
+    "Isolation",
+    "IsolationUnavailable", "TestedProgram", "isolation_in_use", "run_many",
+    "run_program",
+]
+
 Status = Literal["passed", "failed", "timeout", "killed", "error"]
 
 _HARNESS = Path(__file__).with_name("_sandbox_harness.py")
-_RESULT_CAP = 64 * 1024
+_CHECKER = Path(__file__).with_name("_sandbox_checker.py")
+_WIRE = Path(__file__).with_name("_sandbox_wire.py")
 _CLEANUP_GRACE_S = 2.0
 _SIGNAL_REASONS = {
     signal.SIGXCPU: "CPU time limit exceeded (SIGXCPU)",
@@ -65,6 +88,7 @@ class ExecResult:
     reason: str
     output_tail: str
     duration_s: float
+    isolated: bool = False  # ran in Linux namespaces (else with the in-process guards only)
 
 
 def _check_limits(timeout: float, memory_mb: int, file_size_mb: int, max_processes: int | None) -> None:
@@ -94,96 +118,6 @@ def _minimal_env(root: Path) -> dict[str, str]:
     }
 
 
-def _stray_pids(session: int) -> list[int]:
-    """Live (non-zombie) processes in the given session or process group."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # exited while we listed /proc
-        state, pgrp, sid = fields[0], int(fields[2]), int(fields[3])
-        if state not in (b"Z", b"X") and session in (pgrp, sid):
-            found.append(int(name))
-    return found
-
-
-def _kill_session(session: int) -> None:
-    """SIGKILL the program's process group, then anything still in its session (a process may change group)."""
-    try:
-        os.killpg(session, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # the group already ended
-    for _ in range(200):
-        pids = _stray_pids(session)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.005)
-    raise RuntimeError(f"sandbox: processes {pids} of session {session} survived 200 rounds of SIGKILL")
-
-
-def _wait(proc: subprocess.Popen, timeout: float) -> bool:
-    """Wait for the process to exit; return True if it timed out. Uses a pidfd to wake up at once when it exits."""
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):  # no pidfd (old kernel or not Linux): Popen's polling wait
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return True
-        return False
-    try:
-        ready, _, _ = select.select([pidfd], [], [], timeout)
-    finally:
-        os.close(pidfd)
-    return not ready
-
-
-def _read_available(fd: int) -> bytes:
-    os.set_blocking(fd, False)
-    chunks, size = [], 0
-    while size < _RESULT_CAP:
-        try:
-            chunk = os.read(fd, _RESULT_CAP - size)
-        except BlockingIOError:  # nothing more now; a stray writer may still hold the pipe open
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-def _tail(path: Path, chars: int) -> str:
-    if not path.is_file():  # an unguarded program may delete its own output file
-        return ""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - 4 * chars))
-        return f.read().decode("utf-8", errors="replace")[-chars:]
-
-
-def _remove_tree(path: Path) -> None:
-    # A program may leave read-only directories behind (as a non-root user rmtree then fails): open them up, retry.
-    def make_writable_and_retry(func, failed_path, exc_info):  # noqa: ANN001 - shutil's onerror signature
-        if issubclass(exc_info[0], FileNotFoundError):  # an unguarded program may delete its own directory
-            return
-        os.chmod(os.path.dirname(failed_path), 0o700)
-        if os.path.isdir(failed_path):
-            os.chmod(failed_path, 0o700)
-        func(failed_path)
-
-    shutil.rmtree(path, onerror=make_writable_and_retry)
-
-
 def _classify(
     timed_out: bool, returncode: int, records: list[bytes], token: bytes, timeout: float
 ) -> tuple[Status, str]:
@@ -211,8 +145,47 @@ def _classify(
     return "error", f"process exited with status {returncode} without a report"
 
 
+@dataclass(frozen=True)
+class TestedProgram:
+    """A solution and its tests, run in separate processes: the tests in the checker, which decides the verdict.
+
+    setup: trusted code run in the checker first (HumanEval's prompt, MBPP's test_setup_code); then the names the
+    solution defines and setup does not are bound to proxies of the solution's objects, and so are the names in
+    `replace` (HumanEval's entry point, whose prompt stub setup defines); then the tests run.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    solution: str
+    tests: str
+    setup: str = ""
+    replace: tuple[str, ...] = ()
+
+
+def isolation_in_use(isolation: Isolation = "auto") -> Probe:
+    """What `run_program(..., isolation=isolation)` will use here; warns (once) when "auto" falls back to guards."""
+    found = resolve(isolation)
+    if isolation == "auto" and not found.available:
+        _warn_fallback(found.detail)
+    return found
+
+
+@functools.cache
+def _warn_fallback(detail: str) -> None:
+    message = FALLBACK_WARNING.format(reason=detail)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _spawn(command: list[str], root: Path, output: int, pass_fds: tuple[int, ...]) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, cwd=root, env=_minimal_env(root), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+        pass_fds=pass_fds, start_new_session=True,
+    )  # fmt: skip
+
+
 def run_program(
-    code: str,
+    program: str | TestedProgram,
     *,
     timeout: float = 10.0,
     memory_mb: int = 2048,
@@ -220,75 +193,135 @@ def run_program(
     max_processes: int | None = 64,
     guard: bool = True,
     output_chars: int = 2000,
+    isolation: Isolation = "auto",
 ) -> ExecResult:
-    """Run `code` (a whole program: solution and tests) in the sandbox described in the module docstring.
+    """Run `program` in the sandbox described in the module docstring.
 
-    timeout: wall-clock seconds before the whole process group is killed (the CPU limit is the same, rounded up).
+    program: a whole program (solution and tests in one process; its verdict can be forged from inside, see
+    docs/eval.md), or a TestedProgram (tests in the checker; the verdict cannot be forged).
+    timeout: wall-clock seconds before everything is killed (the CPU limit is the same, rounded up).
     memory_mb: address-space limit (RLIMIT_AS). file_size_mb: largest file the program may write, its output
-    included (RLIMIT_FSIZE). max_processes: extra processes allowed (RLIMIT_NPROC; root is exempt from it).
-    guard: install the audit hook that refuses writes outside the temporary directory, new processes and signals.
+    included (RLIMIT_FSIZE). max_processes: extra processes allowed (RLIMIT_NPROC; binds root only under isolation).
+    guard: install the audit hook (writes outside the temporary directory, new processes, signals, ...).
+    isolation: "auto" (namespaces where available, else the guards with a warning), "strict" (raise
+    IsolationUnavailable without namespaces), "off" (the guards only).
     Never raises because of what the program does; raises ValueError for bad limits.
     """
     _check_limits(timeout, memory_mb, file_size_mb, max_processes)
+    isolated = isolation_in_use(isolation).available
     start = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="balora-sandbox-"))
     fds: list[int] = []
+    procs: list[subprocess.Popen] = []
+    uid_context = reserved_uid() if isolated else contextlib.nullcontext(None)
     try:
-        root = tmp / "work"
-        root.mkdir()
-        (tmp / "program.py").write_text(code, encoding="utf-8")
-        token = secrets.token_hex(16).encode()
-        token_r, token_w = os.pipe()
-        result_r, result_w = os.pipe()
-        fds += [token_r, token_w, result_r, result_w]
-        os.write(token_w, token)
-        config = {
-            "token_fd": token_r,
-            "result_fd": result_w,
-            "program": str(tmp / "program.py"),
-            "root": str(root),
-            "guard": guard,
-            "limits": {
-                "cpu_s": int(timeout) + 1,
-                "address_space": memory_mb * 1024 * 1024,
-                "file_size": file_size_mb * 1024 * 1024,
-                "max_processes": max_processes,
-            },
-        }
-        with open(tmp / "output", "wb") as output:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", str(_HARNESS), json.dumps(config)],
-                cwd=root,
-                env=_minimal_env(root),
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                pass_fds=(token_r, result_w),
-                start_new_session=True,
-            )
-        for fd in (token_r, token_w, result_w):  # the child holds its own copies
-            os.close(fd)
-            fds.remove(fd)
-        try:
-            timed_out = _wait(proc, timeout)
-            if timed_out:  # the supervisor kills the program and all its descendants, then exits
-                proc.terminate()
-                _wait(proc, _CLEANUP_GRACE_S)
-        finally:
-            _kill_session(proc.pid)  # also on KeyboardInterrupt, or if the program killed the supervisor
-            proc.wait()
-        records = _read_available(result_r).split(b"\n")
-        status, reason = _classify(timed_out, proc.returncode, records, token, timeout)
-        tail = _tail(tmp / "output", output_chars)
+        with uid_context as uid:
+            root = tmp / "work"
+            root.mkdir()
+            if uid is not None:
+                os.chown(root, uid, uid)
+            tested = isinstance(program, TestedProgram)
+            (tmp / "program.py").write_text(program.solution if tested else program, encoding="utf-8")
+            config: dict = {
+                "mode": "serve" if tested else "program",
+                "program": str(tmp / "program.py"),
+                "root": str(root),
+                "guard": guard,
+                "wire": str(_WIRE),
+                "limits": {
+                    "cpu_s": int(timeout) + 1,
+                    "address_space": memory_mb * 1024 * 1024,
+                    "file_size": file_size_mb * 1024 * 1024,
+                    "max_processes": max_processes,
+                },
+            }
+            prefix = []
+            if isolated:
+                readable = (str(tmp / "program.py"), str(_HARNESS.parent))
+                bwrap = shutil.which("bwrap") or "bwrap"
+                prefix = bwrap_command(bwrap, uid, writable=str(root), readable=readable, env=_minimal_env(root))
+
+            def pipe() -> tuple[int, int]:
+                r, w = os.pipe()
+                fds.extend((r, w))
+                return r, w
+
+            def close(*ends: int) -> None:
+                for fd in ends:
+                    os.close(fd)
+                    fds.remove(fd)
+
+            result_r, result_w = pipe()
+            output = os.open(tmp / "output", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fds.append(output)
+            if tested:
+                request_r, request_w = pipe()
+                response_r, response_w = pipe()
+                config |= {"request_fd": request_r, "response_fd": response_w}
+                command = prefix + [sys.executable, "-I", str(_HARNESS), json.dumps(config)]
+                procs.append(_spawn(command, root, output, (request_r, response_w)))
+                checker_config = {
+                    "request_fd": request_w, "response_fd": response_r, "result_fd": result_w, "wire": str(_WIRE),
+                    "setup": program.setup, "tests": program.tests, "replace": list(program.replace),
+                    "limits": config["limits"],
+                }  # fmt: skip
+                command = [sys.executable, "-I", str(_CHECKER), json.dumps(checker_config)]
+                procs.append(_spawn(command, tmp, output, (request_w, response_r, result_w)))
+                close(request_r, request_w, response_r, response_w, result_w, output)
+            else:
+                token_r, token_w = pipe()
+                os.write(token_w, token := secrets.token_hex(16).encode())
+                config |= {"token_fd": token_r, "result_fd": result_w}
+                command = prefix + [sys.executable, "-I", str(_HARNESS), json.dumps(config)]
+                procs.append(_spawn(command, root, output, (token_r, result_w)))
+                close(token_r, token_w, result_w, output)
+            try:
+                timed_out = processes.wait(procs[-1], timeout)  # the checker, or the whole program
+                if timed_out and not tested:  # the supervisor kills the program and all its descendants, then exits
+                    procs[-1].terminate()
+                    processes.wait(procs[-1], _CLEANUP_GRACE_S)
+                if tested and not timed_out:  # the checker is done: the solution's process ends at end of file
+                    processes.wait(procs[0], _CLEANUP_GRACE_S)
+            finally:
+                for proc in reversed(procs):  # also on KeyboardInterrupt, or if the program killed the supervisor
+                    processes.stop(proc, str(tmp))
+            records = processes.read_available(result_r).split(b"\n")
+            returncode = procs[0].returncode
+            if isolated and returncode > 128:  # bwrap reports a death by signal N as 128 + N
+                returncode = 128 - returncode
+            if tested:
+                status, reason = _classify_tested(timed_out, returncode, records, timeout)
+            else:
+                status, reason = _classify(timed_out, returncode, records, token, timeout)
+            tail = processes.tail(tmp / "output", output_chars)
     finally:
         for fd in fds:
             os.close(fd)
-        _remove_tree(tmp)
-    return ExecResult(status == "passed", status, reason, tail, time.monotonic() - start)
+        processes.remove_tree(tmp)
+    return ExecResult(status == "passed", status, reason, tail, time.monotonic() - start, isolated)
+
+
+def _classify_tested(timed_out: bool, returncode: int, records: list[bytes], timeout: float) -> tuple[Status, str]:
+    if timed_out:
+        return "timeout", f"wall-clock timeout after {timeout:g} s"
+    try:
+        verdict = json.loads(records[0])
+        status, reason = str(verdict["status"]), str(verdict["reason"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+        return "error", "the checker ended without a verdict (killed by its own limits?)"
+    if status in ("passed", "failed", "error"):
+        return status, reason  # type: ignore[return-value]
+    # "gone": the solution's process ended while the tests were running
+    if returncode < 0:
+        sig = signal.Signals(-returncode)
+        return "killed", _SIGNAL_REASONS.get(sig, f"killed by {sig.name}")
+    if returncode == 0:
+        return "failed", "process exited with status 0 before the tests finished"
+    return "error", f"process exited with status {returncode} before the tests finished"
 
 
 def run_many(
-    programs: Sequence[str],
+    programs: Sequence[str | TestedProgram],
     *,
     workers: int | None = None,
     progress: bool = True,
@@ -297,17 +330,23 @@ def run_many(
 ) -> list[ExecResult]:
     """Run programs in parallel (a pool of `workers` threads, each waiting on one sandboxed process); results in order.
 
-    workers defaults to the number of CPUs. `limits` are passed to `run_program` (timeout, memory_mb, ...).
+    workers defaults to the number of CPUs. `limits` are passed to `run_program` (timeout, memory_mb, isolation, ...).
+    A sandbox that fails to start or to clean up (an OS error) is that program's failed result, never an exception
+    here; bad limits and isolation="strict" without namespaces raise before anything runs.
     """
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}")
+    defaults = {"timeout": 10.0, "memory_mb": 2048, "file_size_mb": 16, "max_processes": 64}
+    checked = defaults | {k: v for k, v in limits.items() if k in defaults}
+    _check_limits(**checked)  # type: ignore[arg-type]
+    isolation_in_use(limits.get("isolation", "auto"))  # type: ignore[arg-type]
     results: list[ExecResult | None] = [None] * len(programs)
     with (
         ThreadPoolExecutor(max_workers=workers) as pool,
         tqdm(total=len(programs), desc=desc, disable=not progress, unit="prog") as bar,
     ):
-        futures = {pool.submit(run_program, code, **limits): i for i, code in enumerate(programs)}  # type: ignore[arg-type]
+        futures = {pool.submit(_run_safely, code, limits): i for i, code in enumerate(programs)}
         try:
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
@@ -317,3 +356,10 @@ def run_many(
                 future.cancel()
             raise
     return [r for r in results if r is not None]
+
+
+def _run_safely(program: str | TestedProgram, limits: dict) -> ExecResult:
+    try:
+        return run_program(program, **limits)
+    except Exception as exc:  # noqa: BLE001 - a crashed sandbox is a failed sample, not a crashed evaluation
+        return ExecResult(False, "error", f"sandbox failure: {type(exc).__name__}: {exc}"[:1000], "", 0.0)
