@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from balora.config import BALoRAConfig, Task
-from balora.pissa import apply_pissa
+from balora.init_cache import apply_pissa_all
 
 ADAPTER = "default"
 TEACHER = "teacher"
@@ -128,11 +128,8 @@ def get_balora_model(model: torch.nn.Module, config: BALoRAConfig) -> PeftModel:
 
     peft_model = get_peft_model(model, lora)
     if config.init == "pissa":
-        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
-        for index, layer in enumerate(layers):
-            apply_pissa(
-                layer, ADAPTER, niter=config.svd_niter, oversample=config.init_oversample, seed=config.seed + index
-            )
+        layers = [(n, m) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+        apply_pissa_all(layers, ADAPTER, config)  # seeds seed + layer index; through config.init_cache if set
     _add_teacher_adapter(peft_model, lora)
     peft_model.balora_config = config
     return peft_model

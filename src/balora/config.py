@@ -76,6 +76,13 @@ class BALoRAConfig:
     )
     init_oversample: int = field(default=8, metadata={"help": "PiSSA randomized init: extra sketch columns."})
     seed: int = field(default=0, metadata={"help": "Seed of the randomized PiSSA init."})
+    init_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "PiSSA init cache: null = run the SVD every time; 'auto' = the balora cache folder "
+            "($BALORA_CACHE/pissa_init); or a folder. Keyed by the target weights' content and every init setting."
+        },
+    )
     # -- loss ----------------------------------------------------------------------------------------------------
     consistency_weight: float | None = field(default=None, metadata={"help": "λ1: weight of the consistency term."})
     diversity_weight: float | None = field(default=None, metadata={"help": "λ2: weight of the diversity term."})
@@ -156,6 +163,8 @@ class BALoRAConfig:
             raise ValueError(
                 "target_modules is empty; name the modules to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'"
             )
+        if self.init_cache is not None and (not isinstance(self.init_cache, str) or not self.init_cache.strip()):
+            raise ValueError(f"init_cache must be null, 'auto' or a folder path; got {self.init_cache!r}")
         _check_int("r", self.r, 1)
         _check_int("init_oversample", self.init_oversample, 0)
         _check_int("entropy_top_k", self.entropy_top_k, 1)
