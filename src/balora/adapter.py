@@ -11,6 +11,7 @@ adapter (see `balora.teacher`). The same initial factors turn the trained PiSSA 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from pathlib import Path
@@ -54,7 +55,9 @@ def lora_config_for(model: torch.nn.Module, config: BALoRAConfig) -> LoraConfig:
         target_modules=list(targets) if isinstance(targets, list) else targets,
         modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
         task_type=task_type,
-        init_lora_weights=True,
+        init_lora_weights="olora" if config.init == "olora" else True,  # PiSSA is applied after, by balora
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
     )
     lora = _maybe_include_all_linear_layers(lora, model)
     if config.task == "nlu" and isinstance(lora.target_modules, set):
@@ -63,6 +66,8 @@ def lora_config_for(model: torch.nn.Module, config: BALoRAConfig) -> LoraConfig:
         heads = _head_names(lora)
         lora.target_modules = {n for n in lora.target_modules if not any(f".{h}." in f".{n}." for h in heads)}
     if any(isinstance(m, Conv1D) for _, m in _matched_modules(model, lora)):
+        if config.init == "olora":
+            raise ValueError("init='olora' (PEFT's QR init) does not handle GPT-2's Conv1D layers; use init='pissa'")
         lora.fan_in_fan_out = True
     return lora
 
@@ -163,10 +168,11 @@ def _add_teacher_adapter(peft_model: PeftModel, lora: LoraConfig) -> None:
 def lora_state_dict_for_base(peft_model: PeftModel) -> dict[str, torch.Tensor]:
     """The trained adapter as a plain LoRA on the *original* weights: ΔW = B A − B0 A0 = [B | −B0] [A ; A0].
 
-    The rank doubles (2r) and alpha doubles with it, so the scaling alpha/r is unchanged. The LoRA factors come from
-    PEFT's own `subtract_mutated_init` with the teacher adapter as the initial adapter (PEFT's
+    The rank doubles (2r) and alpha doubles with it (rsLoRA: alpha grows by √2), so the scaling is unchanged. The
+    LoRA factors come from PEFT's own `subtract_mutated_init` with the teacher adapter as the initial adapter (PEFT's
     `path_initial_model_for_weight_conversion` mechanism, without the round trip through disk); fully trained modules
-    (a classification head) are kept as they are.
+    (a classification head, DoRA's magnitude vector) are kept as they are. DoRA normalises the combined weight, and
+    W + [B | −B0][A ; A0]·s = W_res + B A·s, so the same magnitude on W gives the same layer.
     """
     state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER)
     converted = peft_model.base_model.subtract_mutated_init(state, TEACHER, {})
@@ -194,10 +200,11 @@ def save_adapter(peft_model: PeftModel, directory: str | os.PathLike[str], *, fo
         state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER)
     elif form == "lora":
         state = lora_state_dict_for_base(peft_model)
+        grow = math.sqrt(2) if lora.use_rslora else 2  # keeps the scaling alpha/r (rsLoRA: alpha/sqrt(r)) at 2r
         lora.r *= 2
-        lora.lora_alpha *= 2
+        lora.lora_alpha *= grow
         lora.rank_pattern = {k: 2 * v for k, v in (lora.rank_pattern or {}).items()}
-        lora.alpha_pattern = {k: 2 * v for k, v in (lora.alpha_pattern or {}).items()}
+        lora.alpha_pattern = {k: grow * v for k, v in (lora.alpha_pattern or {}).items()}
     elif form == "pissa":
         state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER)
     else:

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("config", help="experiment YAML file (see configs/compare/)")
     cmp.add_argument("--methods", default="lora,pissa,balora", help="comma list of lora, pissa, balora, "
                      "balora-nosvd (balora without the SVD term), balora-featsvd (NLU: the SVD term on the pooled "
-                     "features), full (full fine-tuning); default lora,pissa,balora")
+                     "features), full (full fine-tuning), dora, rslora, olora (PEFT's variants, no regularizers) and "
+                     "balora+dora, balora+rslora, balora+olora; default lora,pissa,balora")
     cmp.add_argument("--full-learning-rate", type=float, help="learning rate of the `full` runs only (full "
                      "fine-tuning usually needs a 10-100x smaller one); default: the experiment's")
     cmp.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma list of seeds (default 3)")

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from balora import methods as method_presets
 from balora.diagnose import DIAGNOSTICS_FILE, diagnose_run
 from balora.eval.files import write_json_atomic, write_text_atomic
 from balora.experiment import ConfigError, Experiment, load_experiment
@@ -40,6 +41,7 @@ METHODS: dict[str, list[str]] = {
     "balora-featsvd": ["--balora.method", "balora", "--balora.svd_input", "features"],
     "full": ["--balora.method", "full", *_NO_REGULARIZERS],
 }
+METHODS.update({name: method_presets.overrides(name) for name in method_presets.PRESETS})  # dora, balora+dora, ...
 RUN_INFO = "compare_run.json"
 DIAGNOSTIC_KEYS = ("drift_kl", "perplexity_change", "predicted_class_entropy", "true_label_entropy",
                    "logits_effective_rank", "features_effective_rank", "memorisation", "clean_fit",

@@ -22,7 +22,7 @@ from balora.eval.files import write_json_atomic
 
 Method = Literal["lora", "pissa", "balora", "full"]
 Task = Literal["nlu", "nlg"]
-InitMethod = Literal["lora", "pissa"]
+InitMethod = Literal["lora", "pissa", "olora"]
 ConsistencySchedule = Literal["constant", "cosine"]
 RegularizerSchedule = Literal["constant", "two_phase"]
 SvdMethod = Literal["auto", "randomized", "exact", "hidden"]
@@ -68,8 +68,13 @@ class BALoRAConfig:
         default=None, metadata={"help": "Extra modules trained in full (a sequence-classification head is added)."}
     )
     init: InitMethod | None = field(
-        default=None, metadata={"help": "Adapter init: lora (B = 0) or pissa (top-r SVD). None: from method."}
+        default=None,
+        metadata={"help": "Adapter init: lora (B = 0), pissa (top-r SVD) or olora (QR, PEFT's). None: from method."},
     )
+    use_dora: bool = field(
+        default=False, metadata={"help": "DoRA (PEFT's use_dora): a trained magnitude per output, direction by LoRA."}
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA scaling alpha / sqrt(r) instead of alpha / r."})
     svd_niter: int | None = field(
         default=None,
         metadata={"help": "PiSSA init: None = exact SVD; an int = randomized SVD with that many power iterations."},
@@ -147,7 +152,7 @@ class BALoRAConfig:
         if self.task is not None:
             _check_choice("task", self.task, ("nlu", "nlg"))
         if self.init is not None:
-            _check_choice("init", self.init, ("lora", "pissa"))
+            _check_choice("init", self.init, ("lora", "pissa", "olora"))
         _check_choice("svd_method", self.svd_method, ("auto", "randomized", "exact", "hidden"))
         _check_choice("loss_impl", self.loss_impl, ("fused", "reference"))
         _check_choice("svd_input", self.svd_input, ("logits", "features"))
@@ -208,7 +213,7 @@ class BALoRAConfig:
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / self.r
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def resolve(self, task: Task) -> BALoRAConfig:
         """A copy with the task set and every `None` filled from the method's preset for that task."""
