@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (benchmarks/gpu_check.py): bf16 training of the bundled NLG model with pissa and balora
 # (step time, peak memory, finite losses), the teacher's exactness in bf16, PiSSA init time, and batched generation on
-# 50 GSM8K problems. About 3 minutes of work on one H100; killed at 8 minutes. Results: $OUT (default
+# 50 GSM8K problems. Estimated at a few minutes on one H100 (not yet run on a GPU); killed at 8 minutes. Results: $OUT (default
 # benchmarks/results/gpu_check)/gpu_check.{json,md}, with the card named.
 #
 #   bash benchmarks/gpu_check.sh                      # on a GPU machine with balora's .venv and the bundled model
