@@ -15,8 +15,10 @@ from peft.tuners.lora import LoraLayer
 from balora import BALoRAConfig, get_balora_model, pretrained_teacher
 from balora.adapter import save_adapter
 from balora.compare import METHODS
+from balora.experiment import load_experiment
 from balora.methods import PRESETS, overrides
 
+from cli_fixtures import REPO_ROOT
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
 ATOL = 1e-4
@@ -110,6 +112,10 @@ def test_presets_reach_compare_and_the_config():
     assert BALoRAConfig(**PRESETS["dora"]).resolve("nlu").init == "lora"
     with pytest.raises(ValueError, match="unknown method preset"):
         overrides("qlora")
+    for name in ("balora+dora", "rslora", "olora"):  # the overrides parse as an experiment, as `compare` runs them
+        experiment, _ = load_experiment(REPO_ROOT / "configs/compare/sst2-minilm.yaml", METHODS[name])
+        for key, value in PRESETS[name].items():
+            assert getattr(experiment.balora, key) == value, (name, key)
 
 
 def test_olora_refuses_conv1d():
