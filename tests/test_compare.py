@@ -156,8 +156,8 @@ def test_compare_refuses_a_changed_config(tiny_setup: Path) -> None:
 def test_methods_seeds_and_noise_parsing() -> None:
     assert compare_module.parse_methods("lora, pissa,balora-nosvd") == ["lora", "pissa", "balora-nosvd"]
     assert compare_module.parse_methods("balora-featsvd,full") == ["balora-featsvd", "full"]
-    with pytest.raises(ConfigError, match="unknown method 'dora'"):
-        compare_module.parse_methods("dora")
+    with pytest.raises(ConfigError, match="unknown method 'qlora'"):
+        compare_module.parse_methods("qlora")
     assert compare_module.parse_seeds("3") == [0, 1, 2]
     assert compare_module.parse_seeds("7,42") == [7, 42]
     with pytest.raises(ConfigError):
