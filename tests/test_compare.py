@@ -162,8 +162,8 @@ def test_compare_refuses_a_changed_config(tiny_setup: Path) -> None:
 def test_methods_seeds_and_noise_parsing() -> None:
     assert compare_module.parse_methods("lora, pissa,balora-nosvd") == ["lora", "pissa", "balora-nosvd"]
     assert compare_module.parse_methods("balora-featsvd,full") == ["balora-featsvd", "full"]
-    with pytest.raises(ConfigError, match="unknown method 'dora'"):
-        compare_module.parse_methods("dora")
+    with pytest.raises(ConfigError, match="unknown method 'qlora'"):
+        compare_module.parse_methods("qlora")
     assert compare_module.parse_seeds("3") == [0, 1, 2]
     assert compare_module.parse_seeds("7,42") == [7, 42]
     with pytest.raises(ConfigError):
@@ -182,17 +182,19 @@ def test_baseline_methods_override_regularizer_weights(tiny_setup: Path) -> None
     assert by_method["balora"].balora.svd_weight == 0.5
     assert by_method["balora-nosvd"].balora.svd_weight == 0.0 and by_method["balora-nosvd"].balora.method == "balora"
     assert by_method["balora-featsvd"].balora.svd_input == "features"
-    assert by_method["balora"].balora.svd_input == "logits"
+    assert by_method["balora"].balora.svd_input is None  # from the preset: features (default), logits (paper)
+    assert by_method["balora"].balora.resolve("nlu").svd_input == "features"
     assert all(exp.training["seed"] == 3 for exp in by_method.values())
 
 
 def test_nlu_svd_term_is_inert_with_k5_and_two_classes(tiny_setup: Path) -> None:
-    """With the paper's k = 5 and 2 classes the SVD term is the constant −1: balora and balora-nosvd train alike;
-    on the pooled features (balora-featsvd) the same k gives a real term that changes training."""
+    """With the paper's reading (preset paper, k = 5) and 2 classes the SVD term is the constant −1: balora and
+    balora-nosvd train alike; on the pooled features (balora-featsvd) the same k gives a real term that changes
+    training."""
     result = compare_module.compare(tiny_setup / "experiment.yaml", **STEPS,
                                     methods=["balora", "balora-nosvd", "balora-featsvd"], seeds=[0],
                                     noises=[0.25], output_dir=tiny_setup / "svd_ablation",
-                                    overrides=["--balora.svd_top_k", "5"])
+                                    overrides=["--balora.svd_top_k", "5", "--balora.preset", "paper"])
     with_svd, without, on_features = result["runs"]
     assert -1.0 < on_features["final_terms"]["svd_loss"] < -0.1
     assert on_features["final_terms"]["task_loss"] != without["final_terms"]["task_loss"]

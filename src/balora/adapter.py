@@ -11,6 +11,7 @@ adapter (see `balora.teacher`). The same initial factors turn the trained PiSSA 
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -24,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from balora.config import BALoRAConfig, Task
 from balora.distributed import gathered_state_dict, init_on_this_rank, is_main_process, share_rank0_init
 from balora.heads import find_head
-from balora.pissa import apply_pissa
+from balora.init_cache import apply_pissa_all
 
 ADAPTER = "default"
 TEACHER = "teacher"
@@ -56,12 +57,16 @@ def lora_config_for(model: torch.nn.Module, config: BALoRAConfig) -> LoraConfig:
         target_modules=list(targets) if isinstance(targets, list) else targets,
         modules_to_save=(heads + extra) or None,
         task_type=task_type,
-        init_lora_weights=True,
+        init_lora_weights="olora" if config.init == "olora" else True,  # PiSSA is applied after, by balora
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
     )
     lora = _maybe_include_all_linear_layers(lora, model)
     # The head (and any module created fresh at load) is trained in full (modules_to_save); PEFT then never matches a
     # layer inside it as a target, whether the targets are 'all-linear' or names such as 'dense' (tested).
     if any(isinstance(m, Conv1D) for _, m in _matched_modules(model, lora)):
+        if config.init == "olora":
+            raise ValueError("init='olora' (PEFT's QR init) does not handle GPT-2's Conv1D layers; use init='pissa'")
         lora.fan_in_fan_out = True
     return lora
 
@@ -127,14 +132,11 @@ def get_balora_model(model: torch.nn.Module, config: BALoRAConfig) -> PeftModel:
     validate_targets(model, lora)
 
     peft_model = get_peft_model(model, lora)
-    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+    layers = [(n, m) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
     # Several processes: rank 0 initialises, the others receive its weights (balora.distributed).
-    init_here = init_on_this_rank([layer.get_base_layer().weight for layer in layers])
+    init_here = init_on_this_rank([layer.get_base_layer().weight for _, layer in layers])
     if config.init == "pissa" and init_here:
-        for index, layer in enumerate(layers):
-            apply_pissa(
-                layer, ADAPTER, niter=config.init_niter, oversample=config.init_oversample, seed=config.seed + index
-            )
+        apply_pissa_all(layers, ADAPTER, config)  # seeds seed + layer index; through config.init_cache if set
     _add_teacher_adapter(peft_model, lora)
     share_rank0_init(peft_model)
     peft_model.balora_config = config
@@ -165,10 +167,12 @@ def lora_state_dict_for_base(
 ) -> dict[str, torch.Tensor]:
     """The trained adapter as a plain LoRA on the *original* weights: ΔW = B A − B0 A0 = [B | −B0] [A ; A0].
 
-    The rank doubles (2r) and alpha doubles with it, so the scaling alpha/r is unchanged. The LoRA factors come from
-    PEFT's own `subtract_mutated_init` with the teacher adapter as the initial adapter (PEFT's
+    The rank doubles (2r) and alpha doubles with it (rsLoRA: alpha grows by √2), so the scaling is unchanged. The
+    LoRA factors come from PEFT's own `subtract_mutated_init` with the teacher adapter as the initial adapter (PEFT's
     `path_initial_model_for_weight_conversion` mechanism, without the round trip through disk); fully trained modules
-    (a classification head) are kept as they are. `full_state`: the model's gathered state dict (sharded models).
+    (a classification head, DoRA's magnitude vector) are kept as they are. DoRA normalises the combined weight, and
+    W + [B | −B0][A ; A0]·s = W_res + B A·s, so the same magnitude on W gives the same layer. `full_state`: the
+    model's gathered state dict (sharded models).
     """
     state = get_peft_model_state_dict(peft_model, state_dict=full_state, adapter_name=ADAPTER)
     inner = None if full_state is None else {k.removeprefix("base_model."): v for k, v in full_state.items()}
@@ -198,10 +202,11 @@ def save_adapter(peft_model: PeftModel, directory: str | os.PathLike[str], *, fo
         state = get_peft_model_state_dict(peft_model, state_dict=full, adapter_name=ADAPTER)
     elif form == "lora":
         state = lora_state_dict_for_base(peft_model, full)
+        grow = math.sqrt(2) if lora.use_rslora else 2  # keeps the scaling alpha/r (rsLoRA: alpha/sqrt(r)) at 2r
         lora.r *= 2
-        lora.lora_alpha *= 2
+        lora.lora_alpha *= grow
         lora.rank_pattern = {k: 2 * v for k, v in (lora.rank_pattern or {}).items()}
-        lora.alpha_pattern = {k: 2 * v for k, v in (lora.alpha_pattern or {}).items()}
+        lora.alpha_pattern = {k: grow * v for k, v in (lora.alpha_pattern or {}).items()}
     elif form == "pissa":
         state = get_peft_model_state_dict(peft_model, state_dict=full, adapter_name=ADAPTER)
     else:

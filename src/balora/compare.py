@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from balora import methods as method_presets
 from balora import rundir
 from balora.experiment import ConfigError, Experiment, load_experiment, load_yaml
 from balora.io import read_text, write_json_atomic, write_text_atomic
@@ -36,10 +37,12 @@ METHODS: dict[str, list[str]] = {
     "lora": ["--balora.method", "lora", *_NO_REGULARIZERS],
     "pissa": ["--balora.method", "pissa", *_NO_REGULARIZERS],
     "balora": ["--balora.method", "balora"],
+    "balora-paper": ["--balora.method", "balora", "--balora.preset", "paper"],  # the paper's literal NLU reading
     "balora-nosvd": ["--balora.method", "balora", "--balora.svd_weight", "0.0"],
     "balora-featsvd": ["--balora.method", "balora", "--balora.svd_input", "features"],
     "full": ["--balora.method", "full", *_NO_REGULARIZERS],
 }
+METHODS.update({name: method_presets.overrides(name) for name in method_presets.PRESETS})  # dora, balora+dora, ...
 RUN_INFO = "compare_run.json"
 DIAGNOSTIC_KEYS = ("drift_kl", "perplexity_change", "predicted_class_entropy", "true_label_entropy",
                    "logits_effective_rank", "features_effective_rank", "memorisation", "clean_fit",

@@ -23,7 +23,7 @@ from balora.io import write_json_atomic
 
 Method = Literal["lora", "pissa", "balora", "full"]
 Task = Literal["nlu", "nlg"]
-InitMethod = Literal["lora", "pissa"]
+InitMethod = Literal["lora", "pissa", "olora"]
 ConsistencySchedule = Literal["constant", "cosine"]
 RegularizerSchedule = Literal["constant", "two_phase"]
 SvdLossMethod = Literal["auto", "randomized", "exact", "hidden"]
@@ -86,14 +86,26 @@ class BALoRAConfig:
         default=None, metadata={"help": "Extra modules trained in full (a sequence-classification head is added)."}
     )
     init: InitMethod | None = field(
-        default=None, metadata={"help": "Adapter init: lora (B = 0) or pissa (top-r SVD). None: from method."}
+        default=None,
+        metadata={"help": "Adapter init: lora (B = 0), pissa (top-r SVD) or olora (QR, PEFT's). None: from method."},
     )
+    use_dora: bool = field(
+        default=False, metadata={"help": "DoRA (PEFT's use_dora): a trained magnitude per output, direction by LoRA."}
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA scaling alpha / sqrt(r) instead of alpha / r."})
     init_niter: int | None = field(
         default=None,
         metadata={"help": "PiSSA init: None = exact SVD; an int = randomized SVD with that many power iterations."},
     )
     init_oversample: int = field(default=8, metadata={"help": "PiSSA randomized init: extra sketch columns."})
     seed: int = field(default=0, metadata={"help": "Seed of the randomized PiSSA init."})
+    init_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "PiSSA init cache: null = run the SVD every time; 'auto' = the balora cache folder "
+            "($BALORA_CACHE/pissa_init); or a folder. Keyed by the target weights' content and every init setting."
+        },
+    )
     # -- loss ----------------------------------------------------------------------------------------------------
     consistency_weight: float | None = field(default=None, metadata={"help": "λ1: weight of the consistency term."})
     diversity_weight: float | None = field(default=None, metadata={"help": "λ2: weight of the diversity term."})
@@ -179,7 +191,7 @@ class BALoRAConfig:
         if self.task is not None:
             _check_choice("task", self.task, ("nlu", "nlg"))
         if self.init is not None:
-            _check_choice("init", self.init, ("lora", "pissa"))
+            _check_choice("init", self.init, ("lora", "pissa", "olora"))
         _check_choice("svd_method", self.svd_method, ("auto", "randomized", "exact", "hidden"))
         _check_choice("loss_impl", self.loss_impl, ("fused", "reference"))
         _check_choice("preset", self.preset, ("default", "paper"))
@@ -204,6 +216,8 @@ class BALoRAConfig:
             raise ValueError(
                 "target_modules is empty; name the modules to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'"
             )
+        if self.init_cache is not None and (not isinstance(self.init_cache, str) or not self.init_cache.strip()):
+            raise ValueError(f"init_cache must be null, 'auto' or a folder path; got {self.init_cache!r}")
         _check_int("r", self.r, 1)
         _check_int("init_oversample", self.init_oversample, 0)
         _check_int("entropy_top_k", self.entropy_top_k, 1)
@@ -258,7 +272,7 @@ class BALoRAConfig:
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / self.r
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def resolve(self, task: Task) -> BALoRAConfig:
         """A copy with the task set and every `None` filled from the method's preset for that task."""

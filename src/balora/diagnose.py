@@ -124,11 +124,11 @@ def classifier_pass(model: torch.nn.Module, dataset: Any, collator: Any, *, batc
     its classification head (`balora.nlu.pooled`: a (B, T, H) head input is averaged over the attention mask)."""
     from balora.nlu import capture_input, locate_head, pooled
 
-    head = locate_head(model)
     logits, features = [], []
     device = _device(model)
     context = pretrained_view(model) if pretrained else contextlib.nullcontext(model)
     with context as model:
+        head = locate_head(model)  # the reference of a full fine-tuning run is a model of its own
         for batch in _batches(dataset.remove_columns(["labels"]), collator, batch_size):
             batch = {k: v.to(device) for k, v in batch.items()}
             with capture_input(head.module) as captured:

@@ -50,8 +50,12 @@ from balora.spectral import hidden_svd_loss
 from balora.teacher import pretrained_teacher, unwrap_model
 
 
-class BALoRATrainer(Trainer):
-    """A Trainer for models from `get_balora_model`; logs `task_loss`, each regularizer and each current λ."""
+class BALoRALossMixin:
+    """The BA-LoRA objective for any `transformers.Trainer` subclass: `compute_loss`, `log` and their helpers.
+
+    Put it first in the bases (`class T(BALoRALossMixin, SomeTrainer)`); `BALoRATrainer` and
+    `balora.integrations.trl.BALoRASFTTrainer` share it, so both compute the same loss.
+    """
 
     loss_is_scaled_for_ga = True
 
@@ -367,6 +371,10 @@ class BALoRATrainer(Trainer):
             logs["teacher_cache_hit_rate"] = cache.hits / (cache.hits + cache.misses)
             cache.hits = cache.misses = 0  # the rate since the last log
         super().log(logs, start_time)
+
+
+class BALoRATrainer(BALoRALossMixin, Trainer):
+    """A Trainer for models from `get_balora_model`; logs `task_loss`, each regularizer and each current λ."""
 
 
 def _head_problem(peft_model: torch.nn.Module) -> str | None:

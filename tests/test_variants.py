@@ -1,0 +1,123 @@
+"""PEFT's other adapters under balora: DoRA, rsLoRA, OLoRA. Each one really is on, the teacher stays the exact
+pre-trained model after the trainable weights move, and the exported plain-PEFT adapter reproduces the trained model
+on the original weights."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+
+from balora import BALoRAConfig, get_balora_model, pretrained_teacher
+from balora.adapter import save_adapter
+from balora.compare import METHODS
+from balora.experiment import load_experiment
+from balora.methods import PRESETS, overrides
+
+from cli_fixtures import REPO_ROOT
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
+
+ATOL = 1e-4
+VARIANT_PRESETS = ["dora", "balora+dora", "rslora", "balora+rslora", "olora", "balora+olora"]
+
+
+def _config(preset: str) -> BALoRAConfig:
+    return BALoRAConfig(r=4, alpha=8.0, **PRESETS[preset])
+
+
+def _inputs(vocab=101):
+    ids = torch.randint(3, vocab, (3, 9))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _train(model, inputs, steps=4):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    for _ in range(steps):
+        model(**inputs).logits.float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def _check_variant_is_on(peft_model, config):
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    layer = layers[0]
+    if config.use_dora:
+        assert layer.use_dora["default"] and layer.use_dora["teacher"]
+        magnitude = layer.lora_magnitude_vector["default"].weight
+        assert magnitude.requires_grad
+        assert not layer.lora_magnitude_vector["teacher"].weight.requires_grad
+    else:
+        assert not layer.use_dora["default"]
+    want = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    assert layer.scaling["default"] == pytest.approx(want) == pytest.approx(layer.scaling["teacher"])
+    b = layer.lora_B["default"].weight
+    if config.init == "lora":
+        assert torch.equal(b, torch.zeros_like(b))
+    elif config.init == "olora":  # B0 = the first r columns of Q in W = QR: orthonormal columns
+        torch.testing.assert_close(b.T @ b, torch.eye(b.shape[1]), atol=1e-5, rtol=0)
+    else:  # PiSSA: B0 = U_r sqrt(S_r / s): orthogonal, not orthonormal, columns
+        gram = b.T @ b
+        torch.testing.assert_close(gram, torch.diag(torch.diagonal(gram)), atol=1e-5, rtol=0)
+
+
+CASES = [(preset, tiny_llama) for preset in VARIANT_PRESETS] + [("balora+dora", tiny_bert), ("olora", tiny_bert)]
+
+
+@pytest.mark.parametrize(("preset", "factory"), CASES, ids=[f"{p}-{f.__name__}" for p, f in CASES])
+def test_teacher_exact_and_export_reproduces_the_trained_model(preset, factory, tmp_path):
+    torch.manual_seed(0)
+    model = factory().eval()
+    original = copy.deepcopy(model)
+    inputs = _inputs()
+    with torch.no_grad():
+        expected = original(**inputs).logits
+    config = _config(preset)
+    peft_model = get_balora_model(model, config)
+    _check_variant_is_on(peft_model, peft_model.balora_config)
+    peft_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**inputs).logits, expected, atol=ATOL, rtol=0)  # unchanged at init
+
+    trainable = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    _train(peft_model, inputs)
+    moved = [n for n, p in peft_model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
+    if config.use_dora:
+        assert any("lora_magnitude_vector" in n for n in moved), "DoRA's magnitude must train"
+    with torch.no_grad():
+        trained = peft_model(**inputs).logits
+    assert (trained - expected).abs().max() > 1e-2, "training should have moved the student"
+    with pretrained_teacher(peft_model):
+        torch.testing.assert_close(peft_model(**inputs).logits, expected, atol=ATOL, rtol=0)
+
+    out = save_adapter(peft_model, tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(original), str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, trained, atol=ATOL, rtol=0)
+    saved = loaded.peft_config["default"]
+    assert saved.use_dora == config.use_dora and saved.use_rslora == config.use_rslora
+
+
+def test_presets_reach_compare_and_the_config():
+    assert all(name in METHODS for name in VARIANT_PRESETS)
+    assert overrides("balora+dora") == ["--balora.method", "balora", "--balora.use_dora", "true"]
+    assert PRESETS["dora"]["method"] == "lora" and PRESETS["dora"]["svd_weight"] == 0.0
+    resolved = BALoRAConfig(**PRESETS["balora+olora"]).resolve("nlg")
+    assert resolved.init == "olora" and resolved.consistency_weight > 0
+    assert BALoRAConfig(**PRESETS["dora"]).resolve("nlu").init == "lora"
+    with pytest.raises(ValueError, match="unknown method preset"):
+        overrides("qlora")
+    for name in ("balora+dora", "rslora", "olora"):  # the overrides parse as an experiment, as `compare` runs them
+        experiment, _ = load_experiment(REPO_ROOT / "configs/compare/sst2-minilm.yaml", METHODS[name])
+        for key, value in PRESETS[name].items():
+            assert getattr(experiment.balora, key) == value, (name, key)
+
+
+def test_olora_refuses_conv1d():
+    with pytest.raises(ValueError, match="Conv1D"):
+        get_balora_model(tiny_gpt2(), BALoRAConfig(r=2, init="olora"))
