@@ -120,3 +120,13 @@ def teacher_calls(monkeypatch):
 
     monkeypatch.setattr(trainer_module, "pretrained_teacher", spy)
     return calls
+
+
+def train_a_few_steps(model, inputs, steps=4):
+    """Move the trainable weights: a few AdamW steps on the squared logits (no labels needed)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    for _ in range(steps):
+        model(**inputs).logits.float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()

@@ -9,16 +9,7 @@ import torch
 
 from balora import BALoRAConfig, get_balora_model, pretrained_teacher
 
-from conftest import tiny_bert, tiny_llama
-
-
-def _train_a_few_steps(model, inputs, steps=4):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    model.train()
-    for _ in range(steps):
-        model(**inputs).logits.float().pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
+from conftest import tiny_bert, tiny_llama, train_a_few_steps
 
 
 def _teacher_params(model):
@@ -41,7 +32,7 @@ def test_teacher_equals_untouched_original_before_and_after_training(factory):
         before = peft_model(**inputs).logits
     torch.testing.assert_close(before, expected, atol=1e-4, rtol=0)
 
-    _train_a_few_steps(peft_model, inputs)
+    train_a_few_steps(peft_model, inputs)
     peft_model.eval()
     with torch.no_grad():
         trained = peft_model(**inputs).logits

@@ -19,7 +19,7 @@ from balora.experiment import load_experiment
 from balora.methods import PRESETS, overrides
 
 from cli_fixtures import REPO_ROOT
-from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from conftest import tiny_bert, tiny_gpt2, tiny_llama, train_a_few_steps
 
 ATOL = 1e-4
 VARIANT_PRESETS = ["dora", "balora+dora", "rslora", "balora+rslora", "olora", "balora+olora"]
@@ -32,16 +32,6 @@ def _config(preset: str) -> BALoRAConfig:
 def _inputs(vocab=101):
     ids = torch.randint(3, vocab, (3, 9))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def _train(model, inputs, steps=4):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    model.train()
-    for _ in range(steps):
-        model(**inputs).logits.float().pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
 
 
 def _check_variant_is_on(peft_model, config):
@@ -85,7 +75,8 @@ def test_teacher_exact_and_export_reproduces_the_trained_model(preset, factory, 
         torch.testing.assert_close(peft_model(**inputs).logits, expected, atol=ATOL, rtol=0)  # unchanged at init
 
     trainable = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
-    _train(peft_model, inputs)
+    train_a_few_steps(peft_model, inputs)
+    peft_model.eval()
     moved = [n for n, p in peft_model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
     if config.use_dora:
         assert any("lora_magnitude_vector" in n for n in moved), "DoRA's magnitude must train"

@@ -40,13 +40,18 @@ def _kill_session(session: int) -> None:
         pids = _stray_pids(session)
         if not pids:
             return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.005)
+        _kill_each(pids)
     raise RuntimeError(f"sandbox: processes {pids} of session {session} survived 200 rounds of SIGKILL")
+
+
+def _kill_each(pids: list[int]) -> None:
+    """SIGKILL every pid (one that already ended is skipped), then give the kernel a moment to reap them."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.005)
 
 
 def wait(proc: subprocess.Popen, timeout: float) -> bool:
@@ -121,12 +126,7 @@ def stop(proc: subprocess.Popen, marker: str) -> None:
         left = [pid for pid in left if pid != os.getpid() and pid in _live(left)]
         if not left:
             return
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.005)
+        _kill_each(left)
     raise RuntimeError(f"sandbox: processes {left} of {marker} survived 400 rounds of SIGKILL")
 
 
