@@ -59,7 +59,8 @@ def test_feature_consistency_matches_a_float64_reference_in_value_and_gradient()
     torch.testing.assert_close(value.double(), reference.detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(student.grad.double(), s64.grad, atol=1e-6, rtol=1e-5)
     assert torch.isfinite(student.grad).all()
-    assert nlu_feature_consistency(teacher, teacher).item() == pytest.approx(teacher.shape[0] and 1 / 5, abs=1e-6)
+    # identical features: 0 for every row but the zero row, which counts as cosine 0 (distance 1): mean 1/5
+    assert nlu_feature_consistency(teacher, teacher).item() == pytest.approx(1 / 5, abs=1e-6)
 
 
 def _moved(peft_model, shift: float = 0.3):
@@ -199,3 +200,15 @@ def test_head_learning_rate_gives_the_head_its_own_optimizer_group(tmp_path):
         by_lr.setdefault(group["lr"], set()).update(id(p) for p in group["params"])
     assert by_lr[5e-2] == head and len(head) == 2
     assert by_lr[1e-3] == trainable - head
+
+
+def test_pooled_features_average_a_token_level_head_input_over_the_mask():
+    from balora.nlu import pooled
+
+    g = torch.Generator().manual_seed(4)
+    per_token = torch.randn(2, 4, 3, generator=g)  # (B, T, H): RoBERTa's and decoders' heads take every token
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])  # right and left padding
+    expected = torch.stack([per_token[0, :3].double().mean(0), per_token[1, 1:].double().mean(0)])
+    torch.testing.assert_close(pooled(per_token, mask).double(), expected)
+    flat = torch.randn(2, 3, generator=g)
+    assert pooled(flat, mask) is flat  # already (B, H): the head's own pooling is kept
