@@ -94,12 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--eval-task", choices=generation, help="NLG: benchmark scored after each run")
     cmp.add_argument("--eval-limit", type=int, help="NLG: first N benchmark problems only")
     cmp.add_argument("--eval-max-new-tokens", type=int, help="NLG: generation length (default: the task's)")
-    cmp.add_argument("--drift-samples", type=int, default=64, help="NLG: Alpaca rows for the drift (default 64)")
+    cmp.add_argument("--drift-samples", type=int, default=64, help="NLG: rows of each drift / retention set (Alpaca, "
+                     "the task's test references, MBPP; default 64)")
+    cmp.add_argument("--class-imbalance", help="comma list of minority-class shares, e.g. 0.1,0.05: the least "
+                     "frequent class is subsampled to that share of the training rows (validation untouched)")
+    cmp.add_argument("--learning-rates", help="comma list, e.g. 1e-4,3e-4,1e-3: choose each method's rate on "
+                     "--dev-rows rows held out of the training rows (seed = the first seed), then run the seeds at it")
+    cmp.add_argument("--dev-rows", type=int, help="training rows held out for --learning-rates (never the "
+                     "validation set)")
+    cmp.add_argument("--sweep", help="balora.KEY=v1,v2,...: extra runs of --sweep-method with that key set to each "
+                     "value (e.g. balora.consistency_weight=0,0.1,0.4), and a trade-off plot (tradeoff.png)")
+    cmp.add_argument("--sweep-method", default="balora", help="the method the sweep varies (default balora)")
 
     dg = sub.add_parser("diagnose", help="knowledge drift, representation collapse and noise memorisation of a run")
     dg.add_argument("run_dir", help="a run directory written by `balora train`")
     dg.add_argument("--drift-file", help="NLG: general instruction data for the drift (default: Alpaca demo data)")
-    dg.add_argument("--drift-samples", type=int, default=64, help="NLG: rows of the drift data (default 64)")
+    dg.add_argument("--drift-samples", type=int, default=64, help="NLG: rows of the drift data and of each retention "
+                    "set (default 64)")
+    dg.add_argument("--task-file", help="NLG: the task's test references for task_nll (default: data.validation_file, "
+                    "or the bundled GSM8K test for GSM8K training data)")
+    dg.add_argument("--mbpp-file", help="NLG: MBPP rows for mbpp_nll / mbpp_kl (default: the bundled copy)")
     dg.add_argument("--batch-size", type=int, default=32, help="forward batch size (default 32)")
 
     demo = sub.add_parser("demo", help="offline demo: PiSSA vs BA-LoRA on MiniLM + SST-2 (a few minutes on a CPU)")
@@ -188,7 +202,15 @@ def cmd_export(args: argparse.Namespace, rest: Any = None, argv: Any = None) -> 
 
 
 def cmd_compare(args: argparse.Namespace, overrides: list[str], argv: list[str] | None) -> int:
-    from balora.compare import compare, parse_methods, parse_noise, parse_seeds
+    from balora.compare import (
+        compare,
+        parse_imbalance,
+        parse_methods,
+        parse_noise,
+        parse_rates,
+        parse_seeds,
+        parse_sweep,
+    )
     from balora.diagnose import diagnose_run
     from balora.train import train_experiment
 
@@ -199,6 +221,9 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str], argv: list[str] 
         overrides=overrides, eval_task=args.eval_task, eval_limit=args.eval_limit,
         eval_max_new_tokens=args.eval_max_new_tokens, diagnose_options={"drift_samples": args.drift_samples},
         command=" ".join(["balora", *words]), full_learning_rate=args.full_learning_rate,
+        imbalances=parse_imbalance(args.class_imbalance),
+        learning_rates=None if args.learning_rates is None else parse_rates(args.learning_rates, "--learning-rates"),
+        dev_rows=args.dev_rows, sweep=parse_sweep(args.sweep, args.sweep_method) if args.sweep else (),
     )
     print(f"balora: compared {len(result['runs'])} runs; comparison.md, .json and .png in {result['output_dir']}")
     return 0
@@ -209,7 +234,7 @@ def cmd_diagnose(args: argparse.Namespace, rest: Any = None, argv: Any = None) -
     from balora.rundir import DIAGNOSTICS
 
     result = diagnose_run(args.run_dir, drift_file=args.drift_file, drift_samples=args.drift_samples,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, task_file=args.task_file, mbpp_file=args.mbpp_file)
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
     print(f"balora: diagnostics written to {args.run_dir}/{DIAGNOSTICS}")
     return 0

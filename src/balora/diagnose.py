@@ -215,6 +215,8 @@ def nlg_drift(model: Any, dataset: Any, collator: Any, *, batch_size: int = 4) -
     return {
         "tokens": tokens,
         "drift_kl": kl_sum / tokens,
+        "nll_pretrained": nll_pre / tokens,
+        "nll_finetuned": nll_ft / tokens,
         "perplexity_pretrained": ppl_pre,
         "perplexity_finetuned": ppl_ft,
         "perplexity_change": ppl_ft - ppl_pre,
@@ -238,17 +240,75 @@ def sample_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_
     return texts
 
 
+def retention_sets(experiment: Any, *, task_file: Path | None, mbpp_file: Path | None) -> dict[str, Any]:
+    """The teacher-forced retention sets besides the drift data: name -> (file, format) for the task's own references
+    (`task_file`, else the experiment's `data.validation_file`, else the bundled GSM8K test for GSM8K training data)
+    and MBPP reference solutions (`mbpp_file`, else the bundled copy). A set whose file is unknown is left out."""
+    sets: dict[str, Any] = {}
+    bundled = data_dir()
+    if task_file is None and experiment.data.validation_file:
+        task_file = Path(experiment.data.validation_file)
+    if task_file is None and experiment.data.format == "gsm8k" and bundled is not None:
+        task_file = bundled / "gsm8k" / "test.jsonl"
+    if task_file is not None:
+        sets["task"] = (Path(task_file), experiment.data.format)
+    if mbpp_file is None and bundled is not None:
+        mbpp_file = bundled / "mbpp" / "mbpp.jsonl"
+    if mbpp_file is not None:
+        sets["mbpp"] = (Path(mbpp_file), "mbpp")
+    return sets
+
+
+def _mbpp_rows(path: Path) -> Any:
+    """MBPP problems as instruction rows: the problem text is the instruction, the reference code the response."""
+    from datasets import Dataset
+
+    from balora.data.instruct import load_instruct
+    from balora.io import iter_records
+
+    rows = []
+    for where, rec in iter_records(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not isinstance(rec.get("code"), str):
+            raise DataError(f"{path} {where}: an MBPP row needs text 'text' and 'code' fields")
+        rows.append({"instruction": rec["text"], "output": rec["code"].replace("\r\n", "\n")})
+    return load_instruct(Dataset.from_list(rows), format="alpaca")[0]
+
+
+def _instruct_rows(path: Path, fmt: str, limit: int) -> Any:
+    from balora.data.instruct import load_instruct
+
+    rows = _mbpp_rows(path) if fmt == "mbpp" else load_instruct(path, format=fmt)[0]
+    return rows.select(range(min(limit, len(rows))))
+
+
 def nlg_diagnostics(experiment: Any, model: Any, tokenizer: Any, *, drift_file: Path, drift_samples: int,
-                    batch_size: int, generations: int, max_new_tokens: int) -> dict[str, Any]:
-    from balora.data.instruct import CausalLMCollator, load_instruct, tokenize_instruct
+                    batch_size: int, generations: int, max_new_tokens: int,
+                    retention: dict[str, Any] | None = None) -> dict[str, Any]:
+    """NLG diagnostics. `retention` (name -> (file, format)): besides the drift data (Alpaca, reported as
+    `alpaca_*`), the first `drift_samples` rows of each set are scored teacher-forced on their reference responses:
+    `<name>_nll` (mean NLL per response token, fine-tuned), `<name>_nll_pretrained`, `<name>_kl` (KL(pre ‖ fine)
+    per token) and `<name>_nll_change` (relative change of the NLL)."""
+    from balora.data.instruct import CausalLMCollator, tokenize_instruct
     from balora.data.templates import render_prompt, response_prefix
 
-    rows, _ = load_instruct(drift_file, format="alpaca")
-    rows = rows.select(range(min(drift_samples, len(rows))))
+    rows = _instruct_rows(drift_file, "alpaca", drift_samples)
     template = experiment.data.template
+    collator = CausalLMCollator(tokenizer.pad_token_id)
     encoded, _ = tokenize_instruct(rows, tokenizer, max_length=experiment.data.max_length, template=template)
     result: dict[str, Any] = {"task": "nlg", "drift_file": str(drift_file), "examples": len(encoded)}
-    result.update(nlg_drift(model, encoded, CausalLMCollator(tokenizer.pad_token_id), batch_size=batch_size))
+    result.update(nlg_drift(model, encoded, collator, batch_size=batch_size))
+    scored = {"alpaca": (str(drift_file), result)}
+    for name, (path, fmt) in (retention or {}).items():
+        encoded_set, _ = tokenize_instruct(_instruct_rows(path, fmt, drift_samples), tokenizer,
+                                           max_length=experiment.data.max_length, template=template)
+        scored[name] = (str(path), nlg_drift(model, encoded_set, collator, batch_size=batch_size))
+    result["retention"] = {}
+    for name, (path, figures) in scored.items():
+        result["retention"][name] = {"file": path, "tokens": figures["tokens"]}
+        result[f"{name}_nll"] = figures["nll_finetuned"]
+        result[f"{name}_nll_pretrained"] = figures["nll_pretrained"]
+        result[f"{name}_kl"] = figures["drift_kl"]
+        result[f"{name}_nll_change"] = figures["nll_finetuned"] / figures["nll_pretrained"] - 1.0
     prompts = [render_prompt(i, x or None, template=template, tokenizer=tokenizer) + response_prefix(template)
                for i, x in zip(rows["instruction"][:generations], rows["input"][:generations], strict=True)]
     seed = training_seed(experiment)
@@ -268,8 +328,11 @@ def nlg_diagnostics(experiment: Any, model: Any, tokenizer: Any, *, drift_file: 
 
 
 def diagnose_run(run_dir: str | Path, *, drift_file: str | Path | None = None, drift_samples: int = 64,
-                 batch_size: int = 32, generations: int = 8, max_new_tokens: int = 48) -> dict[str, Any]:
-    """Compute the diagnostics of a finished run and write them to RUN_DIR/diagnostics.json; returns them."""
+                 batch_size: int = 32, generations: int = 8, max_new_tokens: int = 48,
+                 task_file: str | Path | None = None, mbpp_file: str | Path | None = None) -> dict[str, Any]:
+    """Compute the diagnostics of a finished run and write them to RUN_DIR/diagnostics.json; returns them.
+
+    NLG: `task_file` / `mbpp_file` name the retention sets (`retention_sets`); `drift_samples` rows of each."""
     run_dir = Path(run_dir)
     experiment, model, tokenizer = rundir.load_run(run_dir, reference=True)
     if experiment.is_nlg:
@@ -277,9 +340,11 @@ def diagnose_run(run_dir: str | Path, *, drift_file: str | Path | None = None, d
             if data_dir() is None:
                 raise ConfigError("no bundled Alpaca demo data outside a source checkout; pass --drift-file")
             drift_file = data_dir() / "alpaca_demo" / "alpaca_en_demo.json"  # type: ignore[operator]
+        sets = retention_sets(experiment, task_file=None if task_file is None else Path(task_file),
+                              mbpp_file=None if mbpp_file is None else Path(mbpp_file))
         result = nlg_diagnostics(experiment, model, tokenizer, drift_file=Path(drift_file),
                                  drift_samples=drift_samples, batch_size=max(1, batch_size // 8),
-                                 generations=generations, max_new_tokens=max_new_tokens)
+                                 generations=generations, max_new_tokens=max_new_tokens, retention=sets)
     else:
         result = nlu_diagnostics(experiment, model, tokenizer, run_dir, batch_size)
     result["run_dir"] = str(run_dir)

@@ -78,12 +78,24 @@ class DataSection:
         default="alpaca", metadata={"help": "NLG: prompt template (Alpaca as in the papers, or the chat template)."}
     )
     max_length: int = field(default=128, metadata={"help": "Truncate tokenised examples to this many tokens."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use a seeded random subset of N training rows."}
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
     label_noise: float = field(
         default=0.0, metadata={"help": "Flip this fraction of training labels to another class (seeded)."}
     )
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip malformed rows (counted) instead of failing."})
+    dev_rows: int | None = field(
+        default=None,
+        metadata={"help": "Hold out this many training rows (seeded) and evaluate on them instead of the validation "
+                  "split: for choosing hyper-parameters without seeing it (balora compare --learning-rates)."},
+    )
+    class_imbalance: float | None = field(
+        default=None,
+        metadata={"help": "Subsample the least frequent class to this share of the training rows (seeded); "
+                  "validation is untouched. Classification only."},
+    )
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
@@ -94,6 +106,11 @@ class DataSection:
                 raise ConfigError(f"data.{name} must be >= 1 or null; got {value}")
         if not 0.0 <= self.label_noise < 1.0:
             raise ConfigError(f"data.label_noise must be in [0, 1); got {self.label_noise}")
+        if self.dev_rows is not None and self.dev_rows < 1:
+            raise ConfigError(f"data.dev_rows must be >= 1 or null; got {self.dev_rows}")
+        if self.class_imbalance is not None and not 0.0 < self.class_imbalance < 0.5:
+            raise ConfigError(f"data.class_imbalance must be in (0, 0.5) or null (the minority class's share of "
+                              f"the training rows); got {self.class_imbalance}")
 
 
 @dataclass

@@ -82,15 +82,23 @@ def prepare(experiment: Experiment, *, model: Any = None, tokenizer: Any = None)
     return _prepare_classification(experiment, spec, model, tokenizer)
 
 
-def _instruct_split(experiment: Experiment, tokenizer: Any, path: str, limit: int | None) -> tuple[Any, dict]:
-    """One instruction-data file, loaded, checked and tokenised; with its row statistics."""
+def _instruct_split(experiment: Experiment, tokenizer: Any, path: str, limit: int | None,
+                    dev_rows: int | None = None) -> tuple[Any, dict, Any]:
+    """One instruction-data file, loaded, checked and tokenised; with its row statistics, and the tokenised dev rows
+    carved from it when `dev_rows` is set (else None)."""
+    from balora.data.imbalance import carve_dev
     from balora.data.instruct import load_instruct, tokenize_instruct
 
     data = experiment.data
+    seed = training_seed(experiment)
     rows, stats = load_instruct(path, format=data.format, max_train_samples=limit, skip_bad_rows=data.skip_bad_rows,
-                                seed=training_seed(experiment))
+                                seed=seed)
+    dev = None
+    if dev_rows is not None:
+        rows, dev_raw = carve_dev(rows, dev_rows, seed)
+        dev, _ = tokenize_instruct(dev_raw, tokenizer, max_length=data.max_length, template=data.template)
     tokenized, token_stats = tokenize_instruct(rows, tokenizer, max_length=data.max_length, template=data.template)
-    return tokenized, {**stats, **token_stats}
+    return tokenized, {**stats, **token_stats}, dev
 
 
 def _prepare_instruct(experiment: Experiment, model: Any, tokenizer: Any) -> Prepared:
@@ -99,11 +107,17 @@ def _prepare_instruct(experiment: Experiment, model: Any, tokenizer: Any) -> Pre
     data = experiment.data
     if data.train_file is None:
         raise ConfigError("data.task 'instruct' needs data.train_file (Alpaca, query/response or GSM8K rows)")
-    train, train_stats = _instruct_split(experiment, tokenizer, data.train_file, data.max_train_samples)
+    if data.class_imbalance is not None:
+        raise ConfigError("data.class_imbalance applies to classification tasks; remove it for instruction data")
+    train, train_stats, dev = _instruct_split(experiment, tokenizer, data.train_file, data.max_train_samples,
+                                              data.dev_rows)
     prepared = Prepared(experiment, model, tokenizer, train, {}, CausalLMCollator(tokenizer.pad_token_id), None,
                         {"train": train_stats})
-    if data.validation_file:
-        val, val_stats = _instruct_split(experiment, tokenizer, data.validation_file, data.max_eval_samples)
+    if dev is not None:  # the dev rows stand in for the validation file: it is never seen
+        prepared.eval["validation"] = dev
+        prepared.stats["dev"] = {"rows": len(dev), "replaces": "validation"}
+    elif data.validation_file:
+        val, val_stats, _ = _instruct_split(experiment, tokenizer, data.validation_file, data.max_eval_samples)
         prepared.eval["validation"] = val
         prepared.stats["validation"] = val_stats
     return prepared
@@ -113,14 +127,23 @@ def _prepare_classification(experiment: Experiment, spec: Any, model: Any, token
     from transformers import DataCollatorWithPadding
 
     from balora.data.glue import load_glue, tokenize_glue
+    from balora.data.imbalance import apply_class_imbalance, carve_dev
     from balora.data.noise import apply_label_noise
     from balora.eval.glue_metrics import compute_metrics_fn
 
     data, seed = experiment.data, training_seed(experiment)
     splits, stats = load_glue(spec, train_file=data.train_file, validation_file=data.validation_file,
                               max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples,
-                              skip_bad_rows=data.skip_bad_rows, seed=seed)
+                              skip_bad_rows=data.skip_bad_rows, seed=seed,
+                              only=("train",) if data.dev_rows is not None else None)
     train, flipped = splits["train"], []
+    if data.dev_rows is not None:  # the dev rows stand in for every validation split: it is never seen
+        train, dev = carve_dev(train, data.dev_rows, seed)
+        splits = {"train": train, **{s: dev for s in spec.validation_splits[:1]}}
+        stats["dev"] = {"rows": len(dev), "replaces": spec.validation_splits[0]}
+    if data.class_imbalance is not None:
+        train, stats["train"]["imbalance"] = apply_class_imbalance(train, data.class_imbalance, spec.num_labels,
+                                                                  seed)
     if data.label_noise > 0:
         train, flipped = apply_label_noise(train, data.label_noise, spec.num_labels, seed, label_field="label")
         stats["train"]["flipped"] = len(flipped)
@@ -128,7 +151,8 @@ def _prepare_classification(experiment: Experiment, spec: Any, model: Any, token
         s: tokenize_glue(splits[s], tokenizer, spec, data.max_length) for s in spec.validation_splits if s in splits
     }
     return Prepared(experiment, model, tokenizer, tokenize_glue(train, tokenizer, spec, data.max_length),
-                    encoded_eval, DataCollatorWithPadding(tokenizer), compute_metrics_fn(spec), stats, spec, flipped)
+                    encoded_eval, DataCollatorWithPadding(tokenizer), compute_metrics_fn(spec, per_class=True), stats,
+                    spec, flipped)
 
 
 def evaluate_splits(trainer: Any, eval_sets: dict[str, Any]) -> dict[str, float]:

@@ -213,6 +213,7 @@ def load_glue(
     max_eval_samples: int | None = None,
     skip_bad_rows: bool = False,
     seed: int = 42,
+    only: Sequence[str] | None = None,
 ) -> tuple[DatasetDict, dict[str, dict[str, Any]]]:
     """Load the train and validation splits of `task`; return `(splits, stats)` with per-split row counts.
 
@@ -221,11 +222,14 @@ def load_glue(
     then the repository's `data/glue/<task>/`, then the Hub. Every row is validated; a bad row raises `DataError`
     naming the file and line, or is skipped and counted with `skip_bad_rows`. `max_train_samples` keeps a random
     subset drawn with `seed` (in file order); `max_eval_samples` keeps the first rows of each validation split.
+    `only` names the splits to read (default: all); a split left out is never opened.
     """
     spec = get_task_spec(task)
     splits: dict[str, Dataset] = {}
     stats: dict[str, dict[str, Any]] = {}
     for split, path in _split_sources(spec, train_file, validation_file, data_dir).items():
+        if only is not None and split not in only:
+            continue
         if path is not None:
             source, records = str(path), iter_records(path)
         else:

@@ -67,9 +67,21 @@ def glue_metrics(task: str | TaskSpec, predictions: Any, labels: Any) -> dict[st
     return {name: _METRICS[name](p, y) for name in spec.metrics}
 
 
-def compute_metrics_fn(task: str | TaskSpec) -> Callable[[Any], dict[str, float]]:
+def class_metrics(predictions: Any, labels: Any, num_labels: int) -> dict[str, float]:
+    """Macro-averaged F1 over all `num_labels` classes and each class's recall (`recall_<c>`; NaN for a class absent
+    from `labels`): how a model treats a minority class, which accuracy hides."""
+    p, y = np.asarray(predictions), np.asarray(labels)
+    classes = list(range(num_labels))
+    out = {"macro_f1": float(f1_score(y, p, labels=classes, average="macro", zero_division=0.0))}
+    for c in classes:
+        support = int(np.sum(y == c))
+        out[f"recall_{c}"] = float(np.sum((p == c) & (y == c)) / support) if support else float("nan")
+    return out
+
+
+def compute_metrics_fn(task: str | TaskSpec, *, per_class: bool = False) -> Callable[[Any], dict[str, float]]:
     """A `compute_metrics` for `transformers.Trainer`: argmax of the logits (classification) or the squeezed
-    `(N, 1)` output (regression), then `glue_metrics`."""
+    `(N, 1)` output (regression), then `glue_metrics`; with `per_class`, classification also gets `class_metrics`."""
     spec = get_task_spec(task)
 
     def compute_metrics(eval_pred: Any) -> dict[str, float]:
@@ -81,6 +93,10 @@ def compute_metrics_fn(task: str | TaskSpec) -> Callable[[Any], dict[str, float]
             predictions = logits.reshape(-1) if logits.ndim == 2 and logits.shape[1] == 1 else logits
         else:
             predictions = logits.argmax(axis=-1)
-        return glue_metrics(spec, predictions, np.asarray(labels).reshape(-1))
+        labels = np.asarray(labels).reshape(-1)
+        metrics = glue_metrics(spec, predictions, labels)
+        if per_class and not spec.regression:
+            metrics.update(class_metrics(predictions, labels, spec.num_labels))
+        return metrics
 
     return compute_metrics
