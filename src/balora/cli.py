@@ -96,12 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--eval-max-new-tokens", type=int, help="NLG: generation length (default: the task's)")
     cmp.add_argument("--drift-samples", type=int, default=64, help="NLG: rows of each drift / retention set (Alpaca, "
                      "the task's test references, MBPP; default 64)")
+    cmp.add_argument("--diagnose-generations", type=int, default=8, help="NLG: sampled completions per run for "
+                     "distinct-n (default 8; 0 skips sampling)")
     cmp.add_argument("--class-imbalance", help="comma list of minority-class shares, e.g. 0.1,0.05: the least "
                      "frequent class is subsampled to that share of the training rows (validation untouched)")
     cmp.add_argument("--learning-rates", help="comma list, e.g. 1e-4,3e-4,1e-3: choose each method's rate on "
                      "--dev-rows rows held out of the training rows (seed = the first seed), then run the seeds at it")
     cmp.add_argument("--dev-rows", type=int, help="training rows held out for --learning-rates (never the "
                      "validation set)")
+    cmp.add_argument("--rates-from", help="reuse the learning rates another comparison chose (its comparison.json)")
     cmp.add_argument("--sweep", help="balora.KEY=v1,v2,...: extra runs of --sweep-method with that key set to each "
                      "value (e.g. balora.consistency_weight=0,0.1,0.4), and a trade-off plot (tradeoff.png)")
     cmp.add_argument("--sweep-method", default="balora", help="the method the sweep varies (default balora)")
@@ -219,11 +222,13 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str], argv: list[str] 
         args.config, train=train_experiment, diagnose=diagnose_run, methods=parse_methods(args.methods),
         seeds=parse_seeds(args.seeds), noises=parse_noise(args.label_noise), output_dir=args.output_dir,
         overrides=overrides, eval_task=args.eval_task, eval_limit=args.eval_limit,
-        eval_max_new_tokens=args.eval_max_new_tokens, diagnose_options={"drift_samples": args.drift_samples},
+        eval_max_new_tokens=args.eval_max_new_tokens, diagnose_options={"drift_samples": args.drift_samples,
+                                                             "generations": args.diagnose_generations},
         command=" ".join(["balora", *words]), full_learning_rate=args.full_learning_rate,
         imbalances=parse_imbalance(args.class_imbalance),
         learning_rates=None if args.learning_rates is None else parse_rates(args.learning_rates, "--learning-rates"),
         dev_rows=args.dev_rows, sweep=parse_sweep(args.sweep, args.sweep_method) if args.sweep else (),
+        rates_from=args.rates_from,
     )
     print(f"balora: compared {len(result['runs'])} runs; comparison.md, .json and .png in {result['output_dir']}")
     return 0

@@ -496,11 +496,12 @@ def compare(config: str | Path, *, train: Train, diagnose: Diagnose, methods: Se
             diagnose_options: dict[str, Any] | None = None, command: str = "",
             full_learning_rate: float | None = None, imbalances: Sequence[float | None] = (None,),
             learning_rates: Sequence[float] | None = None, dev_rows: int | None = None,
-            sweep: Sequence[str] = ()) -> dict[str, Any]:
+            sweep: Sequence[str] = (), rates_from: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) the whole comparison and write comparison.{json,md,png}; returns comparison.json's content.
 
     `learning_rates` (with `dev_rows`): choose each method's rate on a dev split first (`select_learning_rates`,
-    seed = the first seed). `sweep`: extra variant methods (`parse_sweep`), run and plotted as a trade-off.
+    seed = the first seed). `rates_from`: reuse the rates another comparison chose (its comparison.json).
+    `sweep`: extra variant methods (`parse_sweep`), run and plotted as a trade-off.
     """
     if output_dir is None:
         output_dir = load_experiment(config, list(overrides))[0].output_dir
@@ -521,6 +522,18 @@ def compare(config: str | Path, *, train: Train, diagnose: Diagnose, methods: Se
         "output_dir": str(out), "machine": machine(), "runs": [],
     }
     chosen = None
+    if rates_from is not None:
+        if learning_rates is not None:
+            raise ConfigError("--rates-from and --learning-rates exclude each other: reuse rates or choose them")
+        earlier = json.loads(read_text(Path(rates_from), "comparison"))
+        if not isinstance(earlier, dict) or "chosen" not in (earlier.get("lr_selection") or {}):
+            raise ConfigError(f"{rates_from} holds no learning-rate selection; run that comparison with "
+                              "--learning-rates first")
+        result["lr_selection"] = {**earlier["lr_selection"], "from": str(rates_from)}
+        chosen = result["lr_selection"]["chosen"]
+        missing = sorted({base_method(m) for m in all_methods} - set(chosen) - {"full"})
+        if missing:
+            raise ConfigError(f"{rates_from} chose no learning rate for {', '.join(missing)}")
     if learning_rates is not None:
         selection_methods = [m for m in all_methods if not (m == "full" and full_learning_rate is not None)]
         result["lr_selection"] = select_learning_rates(
@@ -610,7 +623,8 @@ def markdown(result: dict[str, Any]) -> str:
     if selection:
         rates = selection["rates"]
         dev_metric = selection["grid"][0]["dev_metric"] if selection["grid"] else "score"
-        lines += ["## Learning rates, chosen on a dev split", "",
+        source = f" (reused from `{selection['from']}`)" if selection.get("from") else ""
+        lines += [f"## Learning rates, chosen on a dev split{source}", "",
                   f"Each method trained at each rate on the training rows minus {selection['dev_rows']} held-out "
                   f"rows (seed {selection['seed']}, no label noise), scored by {dev_metric} on those rows; the "
                   "validation set is never seen. The seeds below ran at the chosen rate (**bold**).", "",
