@@ -204,6 +204,14 @@ def test_learning_rate_selection_never_reads_the_validation_set(tiny_setup: Path
     table = (out / "comparison.md").read_text()
     assert "## Learning rates, chosen on a dev split" in table and "## Paired differences" in table
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    reused = compare_module.compare(tiny_setup / "experiment.yaml", **STEPS, methods=["balora"], seeds=[0],
+                                    noises=[0.25], output_dir=tiny_setup / "reuse_rates",
+                                    rates_from=out / "comparison.json")
+    assert reused["runs"][0]["learning_rate"] == chosen["balora"] and reused["lr_selection"]["from"]
+    assert not (tiny_setup / "reuse_rates" / "lr-select").exists()  # nothing selected again
+    with pytest.raises(ConfigError, match="chose no learning rate for pissa"):
+        compare_module.compare(tiny_setup / "experiment.yaml", **STEPS, methods=["pissa"], seeds=[0], noises=[0.0],
+                               output_dir=tiny_setup / "reuse_rates", rates_from=out / "comparison.json")
     with pytest.raises(ConfigError, match="--learning-rates needs --dev-rows"):
         compare_module.compare(tiny_setup / "experiment.yaml", **STEPS, methods=["lora"], seeds=[0], noises=[0.0],
                                output_dir=out, learning_rates=[1e-3])
