@@ -1,4 +1,4 @@
-"""PEFT's other adapters under balora: DoRA, rsLoRA, OLoRA. Each one really is on, the teacher stays the exact
+"""PEFT's other adapters under balora: DoRA, rsLoRA, OLoRA, CorDA. Each one really is on, the teacher stays the exact
 pre-trained model after the trainable weights move, and the exported plain-PEFT adapter reproduces the trained model
 on the original weights."""
 
@@ -22,7 +22,7 @@ from cli_fixtures import REPO_ROOT
 from conftest import tiny_bert, tiny_gpt2, tiny_llama, train_a_few_steps
 
 ATOL = 1e-4
-VARIANT_PRESETS = ["dora", "balora+dora", "rslora", "balora+rslora", "olora", "balora+olora"]
+VARIANT_PRESETS = ["dora", "balora+dora", "rslora", "balora+rslora", "olora", "balora+olora", "corda", "balora+corda"]
 
 
 def _config(preset: str) -> BALoRAConfig:
@@ -32,6 +32,13 @@ def _config(preset: str) -> BALoRAConfig:
 def _inputs(vocab=101):
     ids = torch.randint(3, vocab, (3, 9))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _calibration(model):
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(8):  # one row per pass, as PEFT's CorDA hook wants
+        ids = torch.randint(3, 101, (1, 9), generator=generator)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
 def _check_variant_is_on(peft_model, config):
@@ -47,7 +54,9 @@ def _check_variant_is_on(peft_model, config):
     want = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
     assert layer.scaling["default"] == pytest.approx(want) == pytest.approx(layer.scaling["teacher"])
     b = layer.lora_B["default"].weight
-    if config.init == "lora":
+    if config.init == "corda":  # W_res = W − s·B0·A0 with B0, A0 from the covariance-weighted SVD: B0 ≠ 0
+        assert b.abs().max() > 1e-3
+    elif config.init == "lora":
         assert torch.equal(b, torch.zeros_like(b))
     elif config.init == "olora":  # B0 = the first r columns of Q in W = QR: orthonormal columns
         torch.testing.assert_close(b.T @ b, torch.eye(b.shape[1]), atol=1e-5, rtol=0)
@@ -56,7 +65,8 @@ def _check_variant_is_on(peft_model, config):
         torch.testing.assert_close(gram, torch.diag(torch.diagonal(gram)), atol=1e-5, rtol=0)
 
 
-CASES = [(preset, tiny_llama) for preset in VARIANT_PRESETS] + [("balora+dora", tiny_bert), ("olora", tiny_bert)]
+CASES = [(preset, tiny_llama) for preset in VARIANT_PRESETS] + [
+    ("balora+dora", tiny_bert), ("olora", tiny_bert), ("corda", tiny_gpt2)]
 
 
 @pytest.mark.parametrize(("preset", "factory"), CASES, ids=[f"{p}-{f.__name__}" for p, f in CASES])
@@ -68,7 +78,7 @@ def test_teacher_exact_and_export_reproduces_the_trained_model(preset, factory, 
     with torch.no_grad():
         expected = original(**inputs).logits
     config = _config(preset)
-    peft_model = get_balora_model(model, config)
+    peft_model = get_balora_model(model, config, calibration=_calibration if config.init == "corda" else None)
     _check_variant_is_on(peft_model, peft_model.balora_config)
     peft_model.eval()
     with torch.no_grad():
@@ -112,3 +122,41 @@ def test_presets_reach_compare_and_the_config():
 def test_olora_refuses_conv1d():
     with pytest.raises(ValueError, match="Conv1D"):
         get_balora_model(tiny_gpt2(), BALoRAConfig(r=2, init="olora"))
+
+
+def test_corda_calibrates_on_the_data_it_is_given():
+    """The CorDA adapter depends on its calibration inputs, cannot be built without them, and kpm differs."""
+
+    def build(calibration, method="ipm"):
+        torch.manual_seed(0)
+        model = tiny_llama().eval()
+        config = BALoRAConfig(r=4, alpha=8.0, init="corda", corda_method=method)
+        peft_model = get_balora_model(model, config, calibration=calibration)
+        return next(m for m in peft_model.modules() if isinstance(m, LoraLayer)).lora_A["default"].weight.detach()
+
+    def other(model):
+        for token in range(3, 11):
+            ids = torch.full((1, 9), token)
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    a = build(_calibration)
+    torch.testing.assert_close(build(_calibration), a)  # deterministic
+    assert (build(other) - a).abs().max() > 1e-3
+    assert (build(_calibration, "kpm") - a).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="'bert.pooler.dense' received an input of shape"):
+        get_balora_model(tiny_bert(), BALoRAConfig(r=2, init="corda"), calibration=_calibration)
+    torch.manual_seed(0)
+    bert = tiny_bert().eval()
+    inputs = _inputs()
+    with torch.no_grad():
+        expected = bert(**inputs).logits
+    peft_model = get_balora_model(bert, BALoRAConfig(r=2, init="corda", target_modules=["query", "value"],
+                                                     modules_to_save=None), calibration=_calibration)
+    train_a_few_steps(peft_model, inputs)
+    peft_model.eval()
+    with torch.no_grad(), pretrained_teacher(peft_model):
+        torch.testing.assert_close(peft_model(**inputs).logits, expected, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="calibrates on training rows"):
+        get_balora_model(tiny_llama(), BALoRAConfig(r=2, init="corda"))
+    with pytest.raises(ValueError, match="corda_method must be one of"):
+        BALoRAConfig(init="corda", corda_method="xyz")

@@ -13,12 +13,14 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.config import CordaConfig
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 from transformers.pytorch_utils import Conv1D
 
@@ -57,7 +59,9 @@ def lora_config_for(model: torch.nn.Module, config: BALoRAConfig) -> LoraConfig:
         target_modules=list(targets) if isinstance(targets, list) else targets,
         modules_to_save=(heads + extra) or None,
         task_type=task_type,
-        init_lora_weights="olora" if config.init == "olora" else True,  # PiSSA is applied after, by balora
+        # PiSSA is applied after, by balora; OLoRA and CorDA by PEFT when the adapter is built
+        init_lora_weights=config.init if config.init in ("olora", "corda") else True,
+        corda_config=CordaConfig(corda_method=config.corda_method) if config.init == "corda" else None,
         use_dora=config.use_dora,
         use_rslora=config.use_rslora,
     )
@@ -107,12 +111,15 @@ def validate_targets(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
     return [name for name, _ in matched]
 
 
-def get_balora_model(model: torch.nn.Module, config: BALoRAConfig) -> PeftModel:
+def get_balora_model(model: torch.nn.Module, config: BALoRAConfig, *,
+                     calibration: Callable[[torch.nn.Module], None] | None = None) -> PeftModel:
     """Wrap `model` with a PiSSA (or LoRA) adapter and a frozen teacher adapter; returns a `peft.PeftModel`.
 
     The returned model carries the resolved config as `model.balora_config`. Only the adapter `"default"` (and, for
     classification, its head copy) is trainable. Under torch.distributed every rank must call it: rank 0 computes the
-    init and shares it (`balora.distributed`).
+    init and shares it (`balora.distributed`). `init="corda"` needs `calibration(model)`: it runs the plain model on
+    training rows (forward only, one row per pass) while PEFT's `preprocess_corda` collects each target layer's input
+    covariance.
     """
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; pass the plain transformers model to get_balora_model")
@@ -130,6 +137,11 @@ def get_balora_model(model: torch.nn.Module, config: BALoRAConfig) -> PeftModel:
         check_consistency_target(config, model)
     lora = lora_config_for(model, config)
     validate_targets(model, lora)
+    if config.init == "corda":
+        if calibration is None:
+            raise ValueError("init='corda' calibrates on training rows: pass get_balora_model(..., calibration=fn), "
+                             "fn(model) running forward passes, or train with `balora train`")
+        _calibrate_corda(model, lora, calibration)
 
     peft_model = get_peft_model(model, lora)
     layers = [(n, m) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
@@ -146,10 +158,35 @@ def get_balora_model(model: torch.nn.Module, config: BALoRAConfig) -> PeftModel:
 
 
 @torch.no_grad()
+def _calibrate_corda(model: torch.nn.Module, lora: LoraConfig,
+                     calibration: Callable[[torch.nn.Module], None]) -> None:
+    """PEFT's `preprocess_corda` over `calibration(model)`. Its covariance hook takes one (1, T, H) input per pass;
+    a target layer that sees another shape (BERT's pooler sees (1, H)) gets a clear error here instead of PEFT's."""
+    from peft.tuners.lora.corda import preprocess_corda
+
+    def check(module: torch.nn.Module, args: tuple, name: str) -> None:
+        x = args[0]
+        if x.dim() != 3 or x.shape[0] != 1:
+            raise ValueError(f"init='corda': target {name!r} received an input of shape {tuple(x.shape)}; PEFT's "
+                             "CorDA needs one (1, tokens, features) input per calibration pass. Run one row per "
+                             "pass, and leave layers that see pooled inputs (e.g. BERT's pooler.dense) out of "
+                             "target_modules")
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=name: check(mod, args, n))
+               for name, m in _matched_modules(model, lora)]
+    try:
+        preprocess_corda(model, lora, run_model=lambda: calibration(model))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
 def _add_teacher_adapter(peft_model: PeftModel, lora: LoraConfig) -> None:
     """Add the frozen `"teacher"` adapter: a copy of the initial trainable adapter and head."""
     teacher_config = copy.deepcopy(lora)
     teacher_config.init_lora_weights = False  # never run an init (PiSSA would SVD W_res and mutate the base again)
+    teacher_config.corda_config = None
     teacher_config.inference_mode = True
     peft_model.add_adapter(TEACHER, teacher_config)
     peft_model.set_adapter(ADAPTER)
@@ -214,7 +251,8 @@ def save_adapter(peft_model: PeftModel, directory: str | os.PathLike[str], *, fo
     if not is_main_process():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    lora.init_lora_weights = True
+    lora.init_lora_weights = True  # the saved adapter applies to the original weights: no init to rerun
+    lora.corda_config = None
     lora.inference_mode = True
     if lora.base_model_name_or_path is None:
         lora.base_model_name_or_path = getattr(peft_model.base_model.model, "name_or_path", None) or None

@@ -23,7 +23,8 @@ from balora.io import write_json_atomic
 
 Method = Literal["lora", "pissa", "balora", "full"]
 Task = Literal["nlu", "nlg"]
-InitMethod = Literal["lora", "pissa", "olora"]
+InitMethod = Literal["lora", "pissa", "olora", "corda"]
+CordaMethod = Literal["ipm", "kpm"]
 ConsistencySchedule = Literal["constant", "cosine"]
 RegularizerSchedule = Literal["constant", "two_phase"]
 SvdLossMethod = Literal["auto", "randomized", "exact", "hidden"]
@@ -87,7 +88,16 @@ class BALoRAConfig:
     )
     init: InitMethod | None = field(
         default=None,
-        metadata={"help": "Adapter init: lora (B = 0), pissa (top-r SVD) or olora (QR, PEFT's). None: from method."},
+        metadata={"help": "Adapter init: lora (B = 0), pissa (top-r SVD), olora (QR, PEFT's) or corda (PEFT's "
+                  "context-oriented SVD, calibrated on training rows). None: from method."},
+    )
+    corda_method: CordaMethod = field(
+        default="ipm",
+        metadata={"help": "init corda: ipm (instruction-previewed: the adapter takes the directions the training data "
+                  "excites most) or kpm (knowledge-preserved: the least, leaving the rest frozen)."},
+    )
+    corda_samples: int = field(
+        default=256, metadata={"help": "init corda: training rows run through the model for the covariance."}
     )
     use_dora: bool = field(
         default=False, metadata={"help": "DoRA (PEFT's use_dora): a trained magnitude per output, direction by LoRA."}
@@ -191,7 +201,9 @@ class BALoRAConfig:
         if self.task is not None:
             _check_choice("task", self.task, ("nlu", "nlg"))
         if self.init is not None:
-            _check_choice("init", self.init, ("lora", "pissa", "olora"))
+            _check_choice("init", self.init, ("lora", "pissa", "olora", "corda"))
+        _check_choice("corda_method", self.corda_method, ("ipm", "kpm"))
+        _check_int("corda_samples", self.corda_samples, 1)
         _check_choice("svd_method", self.svd_method, ("auto", "randomized", "exact", "hidden"))
         _check_choice("loss_impl", self.loss_impl, ("fused", "reference"))
         _check_choice("preset", self.preset, ("default", "paper"))

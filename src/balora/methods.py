@@ -1,9 +1,9 @@
-"""Named method presets: PEFT's other adapters (DoRA, rsLoRA, OLoRA) as baselines and under the BA-LoRA terms.
+"""Named method presets: PEFT's other adapters (DoRA, rsLoRA, OLoRA, CorDA) as baselines and under the BA-LoRA terms.
 
-Each preset is a set of `BALoRAConfig` fields. `<variant>` is the baseline (no regularizers; LoRA's B = 0 init, OLoRA's
-QR init for `olora`) and `balora+<variant>` adds the three terms (PiSSA init, OLoRA's for `balora+olora`). `balora
-compare --methods` takes these names next to its own (`compare.METHODS`); `overrides(name)` gives the command-line
-form.
+Each preset is a set of `BALoRAConfig` fields. `<variant>` is the baseline (no regularizers; LoRA's B = 0 init,
+OLoRA's QR init for `olora`, CorDA's for `corda`) and `balora+<variant>` adds the three terms (PiSSA init; OLoRA's or
+CorDA's for `balora+olora`, `balora+corda`). `balora compare --methods` takes these names next to its own
+(`compare.METHODS`); `overrides(name)` gives the command-line form.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dora": {"use_dora": True},
     "rslora": {"use_rslora": True},
     "olora": {"init": "olora"},
+    "corda": {"init": "corda"},  # PEFT's CorDA (IPM), calibrated on data.corda_samples training rows
 }
 PRESETS: dict[str, dict[str, Any]] = {}
 for _name, _fields in VARIANTS.items():

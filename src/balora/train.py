@@ -37,18 +37,44 @@ class LogLastStep(TrainerCallback):
         return control
 
 
-def adapt(experiment: Experiment, model: Any) -> tuple[Any, Any]:
+def adapt(experiment: Experiment, model: Any, prepared: Prepared | None = None) -> tuple[Any, Any]:
     """(the model to train, its resolved BALoRAConfig): the PEFT model with the adapter, or for method "full" the
     model itself. A setting the model cannot take (r larger than a layer, targets that match nothing) is a
-    ConfigError."""
+    ConfigError. `init: corda` calibrates on the first `balora.corda_samples` rows of `prepared.train`."""
     task = "nlg" if experiment.is_nlg else "nlu"
     try:
         if experiment.balora.method == "full":  # every weight trains, no adapter; the BA-LoRA terms are off
             return model, experiment.balora.resolve(task)  # loaded models are trainable throughout (tested)
-        trained = get_balora_model(model, experiment.balora)
+        calibration = None
+        if experiment.balora.init == "corda":
+            if prepared is None:
+                raise ValueError("init='corda' needs the training rows to calibrate on")
+            calibration = calibration_pass(prepared, experiment.balora.corda_samples)
+        trained = get_balora_model(model, experiment.balora, calibration=calibration)
     except ValueError as error:
         raise ConfigError(f"balora: {error}") from error
     return trained, trained.balora_config
+
+
+def calibration_pass(prepared: Prepared, rows: int, batch_size: int = 1) -> Any:
+    """fn(model): forward passes (eval mode, no labels) over the first `rows` training rows, for CorDA's covariance.
+    One row per pass: PEFT's CorDA hook reads a (1, T, H) input (and a padded row would add its pad tokens)."""
+    import torch
+
+    dataset = prepared.train.select(range(min(rows, len(prepared.train))))
+
+    def run(model: Any) -> None:
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                batch = prepared.collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+                batch.pop("labels", None)
+                model(**{k: v.to(device) for k, v in batch.items()})
+        model.train(was_training)
+
+    return run
 
 
 def train_experiment(experiment: Experiment, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
@@ -58,7 +84,7 @@ def train_experiment(experiment: Experiment, *, resume: bool = False, overwrite:
     with rundir.claimed(run_dir, resume=resume, overwrite=overwrite, main=args.should_save):
         prepared = prepare(experiment)
         _start_regression_head(prepared)
-        trained, config = adapt(experiment, prepared.model)
+        trained, config = adapt(experiment, prepared.model, prepared)
         if args.should_save and not resume:  # a resumed run rewrites its files only once it has finished
             rundir.write_config(run_dir, experiment, config)
             if experiment.data.label_noise > 0:
