@@ -160,3 +160,29 @@ def test_corda_calibrates_on_the_data_it_is_given():
         get_balora_model(tiny_llama(), BALoRAConfig(r=2, init="corda"))
     with pytest.raises(ValueError, match="corda_method must be one of"):
         BALoRAConfig(init="corda", corda_method="xyz")
+
+
+def test_balora_train_calibrates_corda_on_its_training_rows(tmp_path):
+    """`balora train` with init corda: the calibration pass runs the first corda_samples training rows; the run
+    trains and saves a plain-PEFT adapter on the original weights."""
+    import sys
+
+    from balora.prepare import prepare
+    from balora.train import calibration_pass, train_experiment
+
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "eval"))
+    from tiny_lm import tiny_instruct_setup
+
+    config = tiny_instruct_setup(tmp_path)
+    experiment, _ = load_experiment(config, ["--balora.init", "corda", "--balora.corda_samples", "3",
+                                             "--training.learning_rate", "0.01"])
+    prepared = prepare(experiment)
+    seen = []
+    handle = prepared.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"]),
+                                                      with_kwargs=True)
+    calibration_pass(prepared, 3)(prepared.model)
+    handle.remove()
+    assert [ids.tolist()[0] for ids in seen] == [row for row in prepared.train["input_ids"][:3]]
+    result = train_experiment(experiment)
+    saved = (tmp_path / "run" / "adapter" / "adapter_config.json").read_text()
+    assert '"r": 4' in saved and result.metrics["train_seconds"] > 0  # rank 2r = 4: the export on the original W
