@@ -41,6 +41,9 @@ nlg() { drift; drift_sweep; }
 collect() {  # copy each finished study's report into benchmarks/results/study_<name>/
   for name in noise collapse collapse-sweep drift drift-sweep; do
     [ -f "runs/studies/$name/comparison.md" ] || { echo "runs/studies/$name: no report yet"; continue; }
+    # the report again from the runs' stored figures, with this checkout's report code
+    ${PYTHON:-.venv/bin/python} -c 'import json, sys; from pathlib import Path; from balora.compare import finish
+out = Path(sys.argv[1]); finish(json.loads((out / "comparison.json").read_text()), out)' "runs/studies/$name"
     mkdir -p "benchmarks/results/study_$name"
     for f in comparison.md comparison.json comparison.png tradeoff.png curves.png; do
       [ -f "runs/studies/$name/$f" ] && cp "runs/studies/$name/$f" "benchmarks/results/study_$name/"

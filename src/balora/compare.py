@@ -559,8 +559,11 @@ def finish(result: dict[str, Any], out: Path) -> None:
     eval_task = result.get("eval_task")
     result["summary"] = summarise(result["runs"], eval_task)
     keys = compared_keys(result["runs"], eval_task)
-    result["differences"] = [d for ref in ("pissa", "lora")
-                             for d in paired_differences(result["runs"], ref, keys, eval_task)]
+    differences = paired_differences(result["runs"], "pissa", keys, eval_task)
+    # against lora too, except pissa − lora: the sign-flipped lora − pissa is already there
+    differences += [d for d in paired_differences(result["runs"], "lora", keys, eval_task)
+                    if not (d["method"] == "pissa" and differences)]
+    result["differences"] = differences
     result["difference_method"] = ("paired t interval over seeds (Student's t, n − 1 degrees of freedom), 95 %; "
                                    "seed s of every method shares its training rows, flips and order")
     write_json_atomic(out / "comparison.json", result)
