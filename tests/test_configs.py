@@ -1,7 +1,8 @@
 """Every experiment under configs/ parses and validates (no model loads) and is headed by the command that runs it.
 
 The files are found when the tests are collected, so a new config is checked without touching this file. Launcher
-configs (accelerate, DeepSpeed), if any, are only parsed as plain YAML/JSON.
+configs (accelerate, DeepSpeed), if any, are only parsed as plain YAML/JSON; lm-evaluation-harness task files
+(configs/lm_eval/) are checked for their header command and local data.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from balora.prepare import task_spec_for
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
 LAUNCHER_DIRS = {"accelerate", "deepspeed"}
+LM_EVAL_DIR = CONFIGS / "lm_eval"
 LAUNCHER_KEYS = {"compute_environment", "distributed_type", "zero_optimization", "deepspeed_config"}
 COMMANDS_WITH_A_CONFIG = {"train", "eval", "compare"}
 
@@ -39,7 +41,8 @@ def _is_launcher(path: Path) -> bool:
 
 
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml")) + sorted(CONFIGS.rglob("*.yml"))
-EXPERIMENTS = [p for p in ALL_YAML if not _is_launcher(p)]
+LM_EVAL_TASKS = [p for p in ALL_YAML if p.is_relative_to(LM_EVAL_DIR)]
+EXPERIMENTS = [p for p in ALL_YAML if not _is_launcher(p) and p not in LM_EVAL_TASKS]
 LAUNCHERS = [p for p in ALL_YAML + sorted(CONFIGS.rglob("*.json")) if _is_launcher(p)]
 
 
@@ -102,3 +105,16 @@ def test_launcher_config_parses(path):
         for word in words:
             if word.startswith("configs/") and word != _id(path):
                 assert (REPO_ROOT / word).is_file(), f"{_id(path)}: its command names {word}, which does not exist"
+
+
+@pytest.mark.parametrize("path", LM_EVAL_TASKS, ids=_id)
+def test_lm_eval_task_is_local_and_headed_by_its_command(path):
+    """A task for `lm_eval --include_path configs/lm_eval`: its header runs it, its data is a bundled file (so it
+    runs offline from the repository root; tests/test_lm_eval.py runs them)."""
+    task = yaml.safe_load(path.read_text())
+    words = shlex.split(path.read_text().splitlines()[0][2:])
+    assert words[0] == "lm_eval" and words[words.index("--include_path") + 1] == _id(path.parent)
+    assert words[words.index("--tasks") + 1] == task["task"]
+    assert task["dataset_path"] == "json"
+    for file in task["dataset_kwargs"]["data_files"].values():
+        assert (REPO_ROOT / file).is_file(), f"{_id(path)}: data file {file} does not exist"

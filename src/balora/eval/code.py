@@ -76,6 +76,11 @@ def humaneval_tested(problem: Mapping[str, Any], completion: str) -> TestedProgr
     return TestedProgram(solution + "\n", tests, setup=problem["prompt"], replace=(entry_point,))
 
 
+def mbpp_code(completion: str) -> str:
+    """The candidate's code without its own top-level asserts (the benchmark's tests are appended instead)."""
+    return re.sub(r"^assert\b.*$", "", extract_code(completion), flags=re.MULTILINE)
+
+
 def mbpp_tested(problem: Mapping[str, Any], code: str, *, challenge: bool = False) -> TestedProgram:
     """MBPP's program split for the sandbox's checker: the candidate code runs sandboxed; `test_setup_code` and the
     `test_list` asserts run in the checker."""

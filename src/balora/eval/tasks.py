@@ -9,7 +9,6 @@ counts, timings, settings). Task definitions, data loading and prompts live in `
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -17,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from balora.eval.answers import extract_gsm8k_answer, extract_math_answer, gsm8k_correct, math_equal
-from balora.eval.code import extract_code, humaneval_tested, mbpp_tested, mean_pass_at_k
+from balora.eval.code import extract_code, humaneval_tested, mbpp_code, mbpp_tested, mean_pass_at_k
+from balora.eval.evalplus import EVALPLUS_SAMPLES_FILE, evalplus_rows
 from balora.eval.generate import Backend, generate
 from balora.eval.problems import (
     TASKS,
@@ -160,8 +160,9 @@ def score_samples(
 ) -> dict[str, Any]:
     """Score completions made elsewhere (no model is loaded), as human-eval's and evalplus's scripts do.
 
-    `samples_file` is JSONL with `completion` and `task_id` (or `index`) per row; several rows for one problem are
-    its n samples (pass@k). Only problems that have samples are scored; the summary counts the others.
+    `samples_file` is JSONL with `completion` (or evalplus's `solution`) and `task_id` (or `index`) per row;
+    evalplus's ids ("Mbpp/11") are read too. Several rows for one problem are its n samples (pass@k). Only
+    problems that have samples are scored; the summary counts the others.
     """
     spec = get_task(task)
     if spec.kind == "perplexity":
@@ -174,10 +175,12 @@ def score_samples(
     prompts: dict[int, str] = {}
     for line, row in read_rows(samples_file):
         where = f"{samples_file}:{line}"
-        if "completion" not in row:
-            raise DataError(f"{where}: a sample row needs `completion` (the model's output); it has {sorted(row)}")
+        text = row.get("completion", row.get("solution"))  # evalplus writes `solution` (a whole program)
+        if text is None:
+            raise DataError(f"{where}: a sample row needs `completion` (the model's output) or evalplus's "
+                            f"`solution`; it has {sorted(row)}")
         problem = _problem_for(row, by_id, problems, where)
-        grouped.setdefault(problem.index, []).append(str(row["completion"]))
+        grouped.setdefault(problem.index, []).append(str(text))
         prompts.setdefault(problem.index, str(row.get("prompt", "")))
     chosen = [p for p in problems if p.index in grouped]
     summary = _score_and_write(
@@ -189,11 +192,6 @@ def score_samples(
     summary["total_s"] = time.monotonic() - start
     write_json_atomic(Path(out_dir) / "summary.json", summary)
     return summary
-
-
-def _mbpp_code(completion: str) -> str:
-    """The candidate's code without its own top-level asserts (the benchmark's tests are appended instead)."""
-    return re.sub(r"^assert\b.*$", "", extract_code(completion), flags=re.MULTILINE)
 
 
 def _score_answer(spec: BenchmarkSpec, problem: Problem, output: str) -> dict[str, Any]:
@@ -240,7 +238,7 @@ def _score_code(
                     code = extract_code(output, entry_point=problem.row["entry_point"])
                     program = humaneval_tested(problem.row, output)
                 else:
-                    code = _mbpp_code(output)
+                    code = mbpp_code(output)
                     program = mbpp_tested(problem.row, code)
             except Exception as exc:  # noqa: BLE001 - recorded per sample
                 error = f"could not build the test program: {type(exc).__name__}: {exc}"[:500]
@@ -310,6 +308,9 @@ def _score_and_write(
     summary |= {"generation_s": generation_s, "scoring_s": time.monotonic() - start, "data": data}
     summary |= {"settings": settings, "results_file": "results.jsonl"}
     summary["total_s"] = generation_s + summary["scoring_s"]
+    if spec.kind == "code":  # the same programs as evalplus reads them (balora.eval.evalplus)
+        write_jsonl_atomic(out_dir / EVALPLUS_SAMPLES_FILE, evalplus_rows(spec.name, problems, samples))
+        summary["evalplus_samples_file"] = EVALPLUS_SAMPLES_FILE
     write_jsonl_atomic(out_dir / "results.jsonl", rows)
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
