@@ -62,6 +62,10 @@ def test_gsm8k_verdicts(output: str, reference: str, expected: bool):
         ("The answer is 1/3", "1/3"),
         ("no digits here", None),
         ("costs $ 5", "5"),
+        ("So the answer is 4 + 1 = 5", "5"),  # an equation after the marker counts by its result
+        ("#### 3 * 4 = 12", "12"),
+        ("The answer is 5 apples, which is 2 more than 3.", "5"),
+        ("The answer is 6.\nCheck: 2 + 4 = 6 = 7 - 1", "6"),  # an equation on a later line is not the answer
     ],
 )
 def test_extract_gsm8k_answer(text: str, answer: str | None):

@@ -52,19 +52,31 @@ def _numbers(text: str) -> list[str]:
     return [t for t in found if len(t) <= _MAX_NUMBER_CHARS and not re.search(r"/0+$", t)]
 
 
+def _after_marker(segment: str) -> list[str]:
+    """Numbers after an answer marker; an equation on the marker's line counts by its result ("4 + 1 = 5" -> 5)."""
+    line = segment.split("\n", 1)[0]
+    if "=" in line:
+        result = _numbers(line.rsplit("=", 1)[1])
+        if result:
+            return result
+    return _numbers(segment)
+
+
 def extract_gsm8k_answer(text: str) -> str | None:
     """The final numeric answer of a GSM8K solution as a canonical string ("18", "-3", "2.5"), or None.
 
     Order: first number after the last "####"; first number after the last "The (final) answer is"; first number in
-    the last `\\boxed{}`; the last number anywhere. "$1,234.50" -> "1234.5"; "50%" -> "50"; "3/4" -> "0.75".
+    the last `\\boxed{}`; the last number anywhere. After a marker, an equation on the marker's line gives the
+    number after its last "=" ("The answer is 4 + 1 = 5" -> "5"). "$1,234.50" -> "1234.5"; "50%" -> "50";
+    "3/4" -> "0.75".
     """
     candidates: list[str] = []
     if "####" in text:
-        candidates = _numbers(text.rsplit("####", 1)[1])
+        candidates = _after_marker(text.rsplit("####", 1)[1])
     if not candidates:
         matches = list(_ANSWER_IS.finditer(text))
         if matches:
-            candidates = _numbers(text[matches[-1].end() :])
+            candidates = _after_marker(text[matches[-1].end() :])
     if not candidates:
         boxed = last_boxed(text)
         if boxed is not None:
