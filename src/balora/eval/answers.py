@@ -53,8 +53,9 @@ def _numbers(text: str) -> list[str]:
 
 
 def _after_marker(segment: str) -> list[str]:
-    """Numbers after an answer marker; an equation on the marker's line counts by its result ("4 + 1 = 5" -> 5)."""
-    line = segment.split("\n", 1)[0]
+    """Numbers after an answer marker; an equation in the marker's sentence counts by its result ("4 + 1 = 5" -> 5).
+    The sentence ends at a newline or a period followed by a space (so "2.5" stays whole)."""
+    line = re.split(r"\n|\.\s", segment, maxsplit=1)[0]
     if "=" in line:
         result = _numbers(line.rsplit("=", 1)[1])
         if result:
@@ -66,7 +67,7 @@ def extract_gsm8k_answer(text: str) -> str | None:
     """The final numeric answer of a GSM8K solution as a canonical string ("18", "-3", "2.5"), or None.
 
     Order: first number after the last "####"; first number after the last "The (final) answer is"; first number in
-    the last `\\boxed{}`; the last number anywhere. After a marker, an equation on the marker's line gives the
+    the last `\\boxed{}`; the last number anywhere. After a marker, an equation in the marker's sentence gives the
     number after its last "=" ("The answer is 4 + 1 = 5" -> "5"). "$1,234.50" -> "1234.5"; "50%" -> "50";
     "3/4" -> "0.75".
     """
