@@ -123,6 +123,20 @@ def test_paired_differences_pair_by_seed_and_skip_unpaired_seeds() -> None:
     noisy = next(d for d in out if d["condition"] == "noise 0.2")
     assert noisy["n"] == 1 and noisy["mean"] == pytest.approx(0.10) and noisy["low"] is None
     assert compare_module.paired_differences(runs, "lora", ["eval_accuracy"], None) == []
+    # memorisation exists for noisy runs only: compared where present, skipped where not
+    runs[6]["diagnostics"]["memorisation"], runs[7]["diagnostics"]["memorisation"] = 0.3, 0.5
+    assert compare_module.compared_keys(runs, None) == ["eval_accuracy", "memorisation"]
+    memorised = compare_module.paired_differences(runs, "pissa", ["memorisation"], None)
+    assert [(d["condition"], d["mean"]) for d in memorised] == [("noise 0.2", pytest.approx(-0.2))]
+
+
+def test_nlg_main_figure_is_the_task_nll_without_a_validation_set() -> None:
+    run = {"method": "pissa", "seed": 0, "condition": "noise 0", "metrics": {"train_seconds": 1.0},
+           "diagnostics": {"task_nll": 0.9, "alpaca_kl": 0.1}, "extras": {}}
+    assert compare_module.main_metric(run, None) == ("task_nll", 0.9)
+    assert compare_module.main_metric({**run, "generation": {"accuracy": 0.2}}, "gsm8k") == ("gsm8k_accuracy", 0.2)
+    assert compare_module.value({**run, "extras": {"best_accuracy": 0.9, "curve": [[5, 0.9]]}}, "best_accuracy",
+                                None) is None  # one evaluation is no curve
 
 
 def test_rate_choice_prefers_the_best_finite_score() -> None:

@@ -329,7 +329,7 @@ def extras(metrics: dict[str, Any], data_stats: dict[str, Any], history: Sequenc
         out["minority_class"] = imbalance["minority_class"]
         out["minority_recall"] = metrics.get(f"eval_recall_{imbalance['minority_class']}")
     points = curve(history, main)
-    if points and main in metrics:
+    if len(points) > 1 and main in metrics:  # evaluated during training, not only at the end
         out["curve"] = points
         out[f"best_{main.removeprefix('eval_')}"] = max([v for _, v in points] + [metrics[main]])
     return out
@@ -363,6 +363,8 @@ def main_metric(run: dict[str, Any], eval_task: str | None) -> tuple[str, float 
     for key in ("eval_accuracy", "eval_matthews_correlation", "eval_pearson", "eval_loss"):
         if key in run["metrics"]:
             return key, run["metrics"][key]
+    if (run.get("diagnostics") or {}).get("task_nll") is not None:  # NLG without a validation file: diagnose's
+        return "task_nll", run["diagnostics"]["task_nll"]  # teacher-forced NLL of the task's test references
     return "none", None
 
 
@@ -379,6 +381,8 @@ def value(run: dict[str, Any], key: str, eval_task: str | None) -> float | None:
     """One figure of a run: the main metric's name, a study figure (`extras`) or a diagnostic."""
     if key == main_metric(run, eval_task)[0]:
         return main_metric(run, eval_task)[1]
+    if key.startswith("best_") and len(run.get("extras", {}).get("curve") or []) < 2:
+        return None  # evaluated at the end only: no best to speak of
     found = run.get("extras", {}).get(key, run["diagnostics"].get(key))
     return None if found is None else float(found)
 
@@ -456,11 +460,12 @@ def paired_differences(runs: Sequence[dict[str, Any]], reference: str, keys: Seq
 
 
 def compared_keys(runs: Sequence[dict[str, Any]], eval_task: str | None) -> list[str]:
-    """The main metric, then every study figure and retention / drift figure that every run has."""
+    """The main metric, then every study figure and retention / drift figure that some run has (a pair of runs
+    that lacks it, e.g. memorisation without label noise, is left out of its differences)."""
     main = main_metric(runs[0], eval_task)[0] if runs else "none"
     keys = [main]
     for key in (*STUDY_KEYS, "drift_kl", "features_drift", "memorisation", *RETENTION_KEYS):
-        if key != main and runs and all(value(r, key, eval_task) is not None for r in runs):
+        if key != main and any(value(r, key, eval_task) is not None for r in runs):
             keys.append(key)
     return keys
 
