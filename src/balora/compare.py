@@ -625,7 +625,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"- machine: {result['machine']}",
         f"- methods {', '.join(result['methods'])}; seeds {result['seeds']}; label noise {result['label_noise']}"
         + (f"; minority-class share {imbalances}" if imbalances else ""),
-        f"- {len(result['runs'])} runs; mean ± sample std over seeds", "",
+        f"- {len(result['runs'])} runs; mean ± sample std over seeds",
+        *([f"- {result['note']}"] if result.get("note") else []), "",
         *([f"- `full` (full fine-tuning) trained with learning rate {result['full_learning_rate']:g}; every other "
            "setting as the other methods", ""] if result.get("full_learning_rate") is not None else []),
     ]
