@@ -764,7 +764,7 @@ def plot_tradeoff(result: dict[str, Any], path: Path) -> Path | None:
 
 def plot_curves(result: dict[str, Any], path: Path) -> Path | None:
     """The main metric over training steps (mean over seeds), one panel per condition; None without curves."""
-    runs = [r for r in result["runs"] if r.get("extras", {}).get("curve")]
+    runs = [r for r in result["runs"] if len(r.get("extras", {}).get("curve") or []) > 1]
     if not runs:
         return None
     plt = _pyplot()
