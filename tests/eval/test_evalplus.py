@@ -9,23 +9,13 @@ balora scored it; and evalplus's rows scored by `balora eval --samples` give the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from test_tasks import FIXTURE, read_jsonl, write_jsonl  # same folder: the humaneval fixture and JSONL helpers
 
 from balora.eval.evalplus import EVALPLUS_SAMPLES_FILE, evalplus_task_id
 from balora.eval.problems import load_problems
 from balora.eval.tasks import score_samples
-
-FIXTURE = Path(__file__).with_name("humaneval_fixture.jsonl")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _passes_alone(program: str, test: str, entry_point: str) -> bool:
