@@ -48,11 +48,6 @@ def main(out: str, per_device_batch: int, method: str) -> None:
     if trainer.is_world_process_zero():
         with open(out, "w") as f:
             json.dump(trainer.state.log_history, f)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():  # an orderly shutdown: gloo's threads otherwise may abort the
-        dist.barrier()  # process at exit ("terminate called without an active exception", seen once in CI)
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
