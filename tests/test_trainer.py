@@ -187,6 +187,27 @@ def test_tiny_end_to_end_with_all_three_terms(tmp_path, task):
     assert logs[-1]["task_loss"] < logs[0]["task_loss"]
 
 
+def test_evaluation_reports_the_row_mean_task_loss_only(tmp_path):
+    """eval_loss is the mean over rows even when the last batch is short (5 rows, batches of 2), no per-batch
+    eval_task_loss appears beside it."""
+    model = get_balora_model(_no_dropout_bert(), BALoRAConfig(r=2, svd_top_k=2, consistency_schedule="constant",
+                                                             regularizer_schedule="constant"))
+    train, held = _nlu_dataset(rows=8), _nlu_dataset(rows=5, seed=1)
+    trainer = SequentialTrainer(model=model, args=_args(tmp_path, per_device_eval_batch_size=2, max_steps=2,
+                                                         logging_steps=2, learning_rate=0.1),
+                                train_dataset=train, eval_dataset=held)
+    trainer.train()
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(held["input_ids"]),
+                       attention_mask=torch.tensor(held["attention_mask"])).logits.double()
+    labels = torch.tensor(held["labels"])
+    expected = -logits.log_softmax(-1)[torch.arange(5), labels].mean().item()  # float64, over the 5 rows
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert not [k for k in metrics if k.startswith("eval_") and k.removeprefix("eval_") in losses.LOSS_TERMS], metrics
+
+
 def test_teacher_forward_is_skipped_when_consistency_weight_is_zero(tmp_path, teacher_calls):
     calls = teacher_calls
     model = get_balora_model(tiny_llama(), BALoRAConfig(r=2, consistency_weight=0.0))

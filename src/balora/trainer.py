@@ -87,7 +87,7 @@ class BALoRALossMixin:
         # We compute the task loss ourselves from the logits, normalised by num_items_in_batch: ask the Trainer to
         # count the items of each optimizer step (it does so only for models that take loss kwargs).
         self.model_accepts_loss_kwargs = True
-        self._term_logs: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._term_logs: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list)}
         # NLU teacher cache: row key -> the teacher's logits (and head input) for that row (see `row_keys`).
         self._teacher_cache = TeacherCache(self._teacher_needs_features) if config.teacher_cache else None
 
@@ -138,10 +138,12 @@ class BALoRALossMixin:
                 consistency_features=consistency_features,
             )
 
-        store = self._term_logs["train" if training else "eval"]
-        for name, value in values.items():
-            store[name].append(value.detach())
+        # Evaluation logs no terms: λ is 0 there, so the loss is the task loss and the Trainer's eval_loss (weighted
+        # by rows) already reports it; a per-batch mean here would weigh a short last batch like a full one.
         if training:
+            store = self._term_logs["train"]
+            for name, value in values.items():
+                store[name].append(value.detach())
             for name, weight in zip(
                 ("lambda_consistency", "lambda_diversity", "lambda_svd"), (l1, l2, l3), strict=True
             ):
@@ -359,15 +361,15 @@ class BALoRALossMixin:
         return total, int((flat != losses.IGNORE_INDEX).sum())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        split = "train" if "loss" in logs else "eval"
-        prefix = "eval_" if split == "eval" else ""
-        store = self._term_logs[split]
-        for name, values in store.items():
-            if values:
-                logs[f"{prefix}{name}"] = torch.stack([v.float().cpu() for v in values]).mean().item()
-        store.clear()
+        training_log = "loss" in logs  # the Trainer's evaluation logs carry eval_loss instead
+        store = self._term_logs["train"]
+        if training_log:
+            for name, values in store.items():
+                if values:
+                    logs[name] = torch.stack([v.float().cpu() for v in values]).mean().item()
+            store.clear()
         cache = self._teacher_cache
-        if split == "train" and cache is not None and cache.hits + cache.misses:
+        if training_log and cache is not None and cache.hits + cache.misses:
             logs["teacher_cache_hit_rate"] = cache.hits / (cache.hits + cache.misses)
             cache.hits = cache.misses = 0  # the rate since the last log
         super().log(logs, start_time)
