@@ -44,7 +44,7 @@ drift_sweep() {  # the λ1 sweep on seed 0; seed 0 of lora, pissa and balora is 
 #   report8k = the reports over both lanes' runs (every run reused; only after both lanes finished)
 RATES=benchmarks/results/study_noise/comparison.json
 CFG8K=configs/studies/sst2-minilm-8k.yaml
-noise8k() {  # $1: the label-noise list, $2: the seeds
+noise8k() {  # $1: the label-noise list, $2: the seeds (a count, or a comma list: "2," is seed 2 alone)
   $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "$2" --label-noise "$1" --rates-from $RATES \
     --output-dir runs/studies/noise-8k
 }
@@ -55,11 +55,11 @@ collapse8k() {  # $1: the seeds
 svd8k() {
   mkdir -p runs/studies/noise-8k-svd
   for m in lora pissa balora; do ln -sfn "../noise-8k/$m" "runs/studies/noise-8k-svd/$m"; done
-  $BALORA compare $CFG8K --methods lora,pissa,balora,balora-paper,balora-nosvd --seeds 0 --label-noise 0.4 \
+  $BALORA compare $CFG8K --methods lora,pissa,balora,balora-paper,balora-nosvd --seeds 0, --label-noise 0.4 \
     --rates-from $RATES --output-dir runs/studies/noise-8k-svd
 }
 lane8k_a() { noise8k 0 3; collapse8k 0,1; }
-lane8k_b() { noise8k 0.4 3; collapse8k 2; svd8k; }
+lane8k_b() { noise8k 0.4 3; collapse8k 2,; svd8k; }
 report8k() { noise8k 0,0.4 3; collapse8k 3; svd8k; }
 nlu() { noise; collapse; }
 nlg() { drift; drift_sweep; }
