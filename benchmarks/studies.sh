@@ -39,8 +39,8 @@ drift_sweep() {  # the λ1 sweep on seed 0; seed 0 of lora, pissa and balora is 
 # The NLU studies again at 8,000 rows x 2 epochs (configs/studies/sst2-minilm-8k.yaml), where clean SST-2 accuracy
 # reaches the 0.85 bar; the rates are those chosen at 4,000 rows. Two lanes write disjoint runs:
 #   lane8k_a = noise 0 (9 runs), then the class-imbalance runs of seeds 0 and 1
-#   lane8k_b = noise 0.4 (9 runs), then the class-imbalance runs of seed 2, then BA-LoRA's SVD variants at noise 0.4
-#              (seed 0; lora, pissa and balora of seed 0 linked from noise-8k)
+#   lane8k_b = noise 0.4 (9 runs), then the class-imbalance runs of seed 2, then BA-LoRA with λ3 = 0 and with the
+#              paper's preset at noise 0.4 (seed 0, as one-value sweeps; lora, pissa and balora linked from noise-8k)
 #   report8k = the reports over both lanes' runs (every run reused; only after both lanes finished)
 RATES=benchmarks/results/study_noise/comparison.json
 CFG8K=configs/studies/sst2-minilm-8k.yaml
@@ -52,19 +52,20 @@ collapse8k() {  # $1: the seeds
   $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "$1" --class-imbalance 0.05 --rates-from $RATES \
     --training.eval_strategy "'no'" --output-dir runs/studies/collapse-8k
 }
-svd8k() {
-  mkdir -p runs/studies/noise-8k-svd
-  for m in lora pissa balora; do ln -sfn "../noise-8k/$m" "runs/studies/noise-8k-svd/$m"; done
-  $BALORA compare $CFG8K --methods lora,pissa,balora,balora-paper,balora-nosvd --seeds 0, --label-noise 0.4 \
-    --rates-from $RATES --output-dir runs/studies/noise-8k-svd
+svd8k() {  # $1: svd_weight=0 (λ3 = 0) or preset=paper (the paper's literal NLU reading), as a one-value sweep
+  local out="runs/studies/noise-8k-${1%%=*}"
+  mkdir -p "$out"
+  for m in lora pissa balora; do ln -sfn "../noise-8k/$m" "$out/$m"; done
+  $BALORA compare $CFG8K --methods lora,pissa,balora --seeds 0, --label-noise 0.4 --sweep "balora.$1" \
+    --rates-from $RATES --output-dir "$out"
 }
 lane8k_a() { noise8k 0 3; collapse8k 0,1; }
-lane8k_b() { noise8k 0.4 3; collapse8k 2,; svd8k; }
-report8k() { noise8k 0,0.4 3; collapse8k 3; svd8k; }
+lane8k_b() { noise8k 0.4 3; collapse8k 2,; svd8k svd_weight=0; svd8k preset=paper; }
+report8k() { noise8k 0,0.4 3; collapse8k 3; svd8k svd_weight=0; svd8k preset=paper; }
 nlu() { noise; collapse; }
 nlg() { drift; drift_sweep; }
 collect() {  # copy each finished study's report into benchmarks/results/study_<name>/
-  for name in noise collapse collapse-sweep drift drift-sweep noise-8k noise-8k-svd collapse-8k; do
+  for name in noise collapse collapse-sweep drift drift-sweep noise-8k noise-8k-svd_weight noise-8k-preset collapse-8k; do
     [ -f "runs/studies/$name/comparison.md" ] || { echo "runs/studies/$name: no report yet"; continue; }
     # the report again from the runs' stored figures, with this checkout's report code
     ${PYTHON:-.venv/bin/python} -c 'import json, sys; from pathlib import Path; from balora.compare import finish
