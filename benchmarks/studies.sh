@@ -48,8 +48,8 @@ noise8k() {  # $1: the label-noise list, $2: the seeds (a count, or a comma list
   $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "$2" --label-noise "$1" --rates-from $RATES \
     --output-dir runs/studies/noise-8k
 }
-collapse8k() {  # $1: the seeds
-  $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "$1" --class-imbalance 0.05 --rates-from $RATES \
+collapse8k() {  # $1: the seeds, $2: the minority shares (default 0.05,0.1)
+  $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "$1" --class-imbalance "${2:-0.05,0.1}" --rates-from $RATES \
     --training.eval_strategy "'no'" --output-dir runs/studies/collapse-8k
 }
 svd8k() {  # $1: svd_weight=0 (λ3 = 0) or preset=paper (the paper's literal NLU reading), as a one-value sweep
