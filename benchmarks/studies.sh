@@ -44,12 +44,12 @@ drift_sweep() {  # the λ1 sweep on seed 0; seed 0 of lora, pissa and balora is 
 #   report8k = the reports over both lanes' runs (every run reused; only after both lanes finished)
 RATES=benchmarks/results/study_noise/comparison.json
 CFG8K=configs/studies/sst2-minilm-8k.yaml
-noise8k() {  # $1: the label-noise list, $2: the seeds (a count, or a comma list: "2," is seed 2 alone)
-  $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "$2" --label-noise "$1" --rates-from $RATES \
+noise8k() {  # $1: the label-noise list (default 0,0.4), $2: the seeds (default 3) (a count, or a comma list: "2," is seed 2 alone)
+  $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "${2:-3}" --label-noise "${1:-0,0.4}" --rates-from $RATES \
     --output-dir runs/studies/noise-8k
 }
-collapse8k() {  # $1: the seeds, $2: the minority shares (default 0.05,0.1)
-  $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "$1" --class-imbalance "${2:-0.05,0.1}" --rates-from $RATES \
+collapse8k() {  # $1: the seeds (default 3), $2: the minority shares (default 0.05,0.1)
+  $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "${1:-3}" --class-imbalance "${2:-0.05,0.1}" --rates-from $RATES \
     --training.eval_strategy "'no'" --output-dir runs/studies/collapse-8k
 }
 svd8k() {  # $1: svd_weight=0 (λ3 = 0) or preset=paper (the paper's literal NLU reading), as a one-value sweep
