@@ -52,12 +52,30 @@ collapse8k() {  # $1: the seeds (default 3), $2: the minority shares (default 0.
   $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "${1:-3}" --class-imbalance "${2:-0.05,0.1}" --rates-from $RATES \
     --training.eval_strategy "'no'" --output-dir runs/studies/collapse-8k
 }
-svd8k() {  # $1: svd_weight=0 (λ3 = 0) or preset=paper (the paper's literal NLU reading), as a one-value sweep
+svd8k() {  # $1: svd_weight=0 (λ3 = 0) or preset=paper (the paper's literal NLU reading), as a one-value sweep; $2: the seeds (default 3)
   local out="runs/studies/noise-8k-${1%%=*}"
   mkdir -p "$out"
   for m in lora pissa balora; do ln -sfn "../noise-8k/$m" "$out/$m"; done
-  $BALORA compare $CFG8K --methods lora,pissa,balora --seeds 0, --label-noise 0.4 --sweep "balora.$1" \
+  $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "${2:-3}" --label-noise 0.4 --sweep "balora.$1" \
     --rates-from $RATES --output-dir "$out"
+}
+collapse8k_sweep() {  # $1: KEY=v1,v2 of a balora.* key (diversity_weight=0,3: λ2; consistency_weight=0: λ1), $2: the seeds
+  # (default 3), $3: the minority share (default 0.05); lora, pissa and balora linked from collapse-8k
+  local out="runs/studies/collapse-8k-${1%%=*}"
+  mkdir -p "$out"
+  for m in lora pissa balora; do ln -sfn "../collapse-8k/$m" "$out/$m"; done
+  $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "${2:-3}" --class-imbalance "${3:-0.05}" --sweep "balora.$1" \
+    --rates-from $RATES --training.eval_strategy "'no'" --output-dir "$out"
+}
+# The class-imbalance study on a second task, MRPC (configs/studies/mrpc-minilm.yaml): the minority class at 10 %, and
+# the clean baseline (the whole training split as it is)
+mrpc_collapse() {  # $1: the seeds (default 3), $2: the minority shares (default 0.1)
+  $BALORA compare configs/studies/mrpc-minilm.yaml --methods lora,pissa,balora --seeds "${1:-3}" \
+    --class-imbalance "${2:-0.1}" --rates-from $RATES --training.eval_strategy "'no'" --output-dir runs/studies/collapse-mrpc
+}
+mrpc_clean() {  # $1: the seeds (default 3)
+  $BALORA compare configs/studies/mrpc-minilm.yaml --methods lora,pissa,balora --seeds "${1:-3}" --rates-from $RATES \
+    --training.eval_strategy "'no'" --output-dir runs/studies/mrpc-clean
 }
 lane8k_a() { noise8k 0 3; collapse8k 0,1; }
 lane8k_b() { noise8k 0.4 3; collapse8k 2,; svd8k svd_weight=0; svd8k preset=paper; }
@@ -65,7 +83,8 @@ report8k() { noise8k 0,0.4 3; collapse8k 3; svd8k svd_weight=0; svd8k preset=pap
 nlu() { noise; collapse; }
 nlg() { drift; drift_sweep; }
 collect() {  # copy each finished study's report into benchmarks/results/study_<name>/
-  for name in noise collapse collapse-sweep drift drift-sweep noise-8k noise-8k-svd_weight noise-8k-preset collapse-8k; do
+  for name in noise collapse collapse-sweep drift drift-sweep noise-8k noise-8k-svd_weight noise-8k-preset collapse-8k \
+      collapse-8k-diversity_weight collapse-8k-consistency_weight collapse-mrpc mrpc-clean; do
     [ -f "runs/studies/$name/comparison.md" ] || { echo "runs/studies/$name: no report yet"; continue; }
     # the report again from the runs' stored figures, with this checkout's report code
     ${PYTHON:-.venv/bin/python} -c 'import json, sys; from pathlib import Path; from balora.compare import finish
