@@ -77,6 +77,14 @@ mrpc_clean() {  # $1: the seeds (default 3)
   $BALORA compare configs/studies/mrpc-minilm.yaml --methods lora,pissa,balora --seeds "${1:-3}" --rates-from $RATES \
     --training.eval_strategy "'no'" --output-dir runs/studies/mrpc-clean
 }
+gsm8k_greedy() {  # $1: problems (default 50): greedy GSM8K accuracy of seed 0 of each drift-study method and of the
+  # pre-trained model (a sanity check); then: .venv/bin/python benchmarks/gsm8k_greedy.py
+  for m in balora pissa lora; do
+    $BALORA eval --run runs/studies/drift/$m/noise-0/seed-0 --task gsm8k --limit "${1:-50}" --max-new-tokens 256 --batch-size 16
+  done
+  $BALORA eval configs/studies/gsm8k-smollm2.yaml --task gsm8k --limit "${1:-50}" --max-new-tokens 256 --batch-size 16 \
+    --output-dir runs/studies/gsm8k-base-eval
+}
 lane8k_a() { noise8k 0 3; collapse8k 0,1; }
 lane8k_b() { noise8k 0.4 3; collapse8k 2,; svd8k svd_weight=0; svd8k preset=paper; }
 report8k() { noise8k 0,0.4 3; collapse8k 3; svd8k svd_weight=0; svd8k preset=paper; }
