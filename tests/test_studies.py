@@ -315,3 +315,45 @@ def test_retention_figures_match_a_hand_written_reference(tmp_path: Path) -> Non
     assert result["task_kl"] > 1e-5  # the adapter moved: a real difference to check
     assert result["retention"]["task"]["file"] == str(tmp_path / "task.jsonl")
     assert result["alpaca_nll"] == pytest.approx(math.log(result["perplexity_finetuned"]), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ greedy check
+
+
+def _fake_eval(folder: Path, correct: list[bool], no_answer: int, limit: int) -> None:
+    folder.mkdir(parents=True)
+    rows = [{"task_id": str(i), "correct": c} for i, c in enumerate(correct)]
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "summary.json").write_text(json.dumps({
+        "n_problems": len(correct), "n_correct": sum(correct), "accuracy": sum(correct) / len(correct),
+        "n_no_answer": no_answer, "generation_s": 1.25, "results_file": "results.jsonl",
+        "settings": {"limit": limit, "template": "alpaca", "max_new_tokens": 256}}))
+
+
+def test_gsm8k_greedy_table_reads_every_eval_and_refuses_missing_or_mismatched_ones(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import gsm8k_greedy
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    solved = {"pre-trained": [True, False, False, False], "lora": [False, True, True, False],
+              "pissa": [False] * 4, "balora": [True, True, False, True]}
+    for method, correct in solved.items():
+        if method != "balora":
+            _fake_eval(runs / gsm8k_greedy.SOURCES[method], correct, no_answer=2 if method == "pre-trained" else 0,
+                       limit=4)
+    with pytest.raises(SystemExit, match="no finished eval for balora"):
+        gsm8k_greedy.main(["--runs", str(runs), "--output", str(out)])
+    assert not out.exists()  # nothing half-written
+    _fake_eval(runs / gsm8k_greedy.SOURCES["balora"], solved["balora"], no_answer=0, limit=4)
+    assert gsm8k_greedy.main(["--runs", str(runs), "--output", str(out)]) == 0
+    result = json.loads((out / "greedy.json").read_text())
+    by_method = {row["method"]: row for row in result["rows"]}
+    assert {m: (r["correct"], r["accuracy"], r["no_answer"]) for m, r in by_method.items()} == {
+        "pre-trained": (1, 0.25, 2), "lora": (2, 0.5, 0), "pissa": (0, 0.0, 0), "balora": (3, 0.75, 0)}
+    assert result["solved_task_ids"] == {"pre-trained": ["0"], "lora": ["1", "2"], "pissa": [],
+                                         "balora": ["0", "1", "3"]}
+    assert "| balora | 4 | 3 | 0.750 | 0 |" in (out / "greedy.md").read_text()
+    summary = runs / gsm8k_greedy.SOURCES["lora"] / "summary.json"
+    summary.write_text(summary.read_text().replace('"limit": 4', '"limit": 200'))
+    with pytest.raises(SystemExit, match=r"different problem counts \[4, 200\]"):
+        gsm8k_greedy.main(["--runs", str(runs), "--output", str(tmp_path / "out2")])
