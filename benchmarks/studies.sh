@@ -5,7 +5,9 @@
 #   nlg = drift, then drift_sweep: knowledge drift (SmolLM2-135M on GSM8K, retention on Alpaca and MBPP), then λ1
 #         swept on seed 0
 # Every run is reused when finished (balora compare), so an interrupted study resumes where it stopped.
-# Usage: benchmarks/studies.sh nlu|nlg|noise|collapse|drift|drift_sweep|lane8k_a|lane8k_b|report8k|collect   Results: runs/studies/*/, copied by `collect` to
+# Usage: benchmarks/studies.sh FUNCTION [ARGS] (nlu, nlg, noise, collapse, drift, drift_sweep, lane8k_a, lane8k_b,
+# report8k, noise8k, collapse8k, svd8k, collapse8k_sweep, mrpc_collapse, mrpc_seed0_at_20, mrpc_clean, gsm8k_greedy,
+# collect; each function's arguments are in its comment). Results: runs/studies/*/, copied by `collect` to
 # benchmarks/results/study_*/
 set -euo pipefail
 cd "$(dirname "$0")/.."
