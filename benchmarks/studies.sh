@@ -6,7 +6,7 @@
 #         swept on seed 0
 # Every run is reused when finished (balora compare), so an interrupted study resumes where it stopped.
 # Usage: benchmarks/studies.sh FUNCTION [ARGS] (nlu, nlg, noise, collapse, drift, drift_sweep, lane8k_a, lane8k_b,
-# report8k, noise8k, collapse8k, svd8k, collapse8k_sweep, mrpc_collapse, mrpc_seed0_at_20, mrpc_clean, gsm8k_greedy,
+# report8k, noise8k, collapse8k, svd8k, collapse8k_sweep, mrpc_collapse, mrpc_clean, gsm8k_greedy,
 # collect; each function's arguments are in its comment). Results: runs/studies/*/, copied by `collect` to
 # benchmarks/results/study_*/
 set -euo pipefail
@@ -75,12 +75,6 @@ mrpc_collapse() {  # $1: the seeds (default 3), $2: the minority shares (default
   $BALORA compare configs/studies/mrpc-minilm.yaml --methods lora,pissa,balora --seeds "${1:-3}" \
     --class-imbalance "${2:-0.1}" --rates-from $RATES --training.eval_strategy "'no'" --output-dir runs/studies/collapse-mrpc
 }
-mrpc_seed0_at_20() {  # the minority class at 20 %, seed 0 alone (what fitted the session), reported on its own
-  mkdir -p runs/studies/collapse-mrpc-0.2
-  for m in lora pissa balora; do ln -sfn "../collapse-mrpc/$m" "runs/studies/collapse-mrpc-0.2/$m"; done
-  $BALORA compare configs/studies/mrpc-minilm.yaml --methods lora,pissa,balora --seeds 0, --class-imbalance 0.2 \
-    --rates-from $RATES --training.eval_strategy "'no'" --output-dir runs/studies/collapse-mrpc-0.2
-}
 mrpc_clean() {  # $1: the seeds (default 3)
   $BALORA compare configs/studies/mrpc-minilm.yaml --methods lora,pissa,balora --seeds "${1:-3}" --rates-from $RATES \
     --training.eval_strategy "'no'" --output-dir runs/studies/mrpc-clean
@@ -100,7 +94,7 @@ nlu() { noise; collapse; }
 nlg() { drift; drift_sweep; }
 collect() {  # copy each finished study's report into benchmarks/results/study_<name>/
   for name in noise collapse collapse-sweep drift drift-sweep noise-8k noise-8k-svd_weight noise-8k-preset collapse-8k \
-      collapse-8k-diversity_weight collapse-8k-consistency_weight collapse-mrpc collapse-mrpc-0.2 mrpc-clean; do
+      collapse-8k-diversity_weight collapse-8k-consistency_weight collapse-mrpc mrpc-clean; do
     [ -f "runs/studies/$name/comparison.md" ] || { echo "runs/studies/$name: no report yet"; continue; }
     # the report again from the runs' stored figures, with this checkout's report code
     ${PYTHON:-.venv/bin/python} -c 'import json, sys; from pathlib import Path; from balora.compare import finish
