@@ -6,7 +6,7 @@
 #         swept on seed 0
 # Every run is reused when finished (balora compare), so an interrupted study resumes where it stopped.
 # Usage: benchmarks/studies.sh FUNCTION [ARGS] (nlu, nlg, noise, collapse, drift, drift_sweep, lane8k_a, lane8k_b,
-# report8k, noise8k, collapse8k, svd8k, collapse8k_sweep, mrpc_collapse, mrpc_clean, gsm8k_greedy,
+# report8k, noise8k, collapse8k, svd8k, collapse8k_sweep, mrpc_collapse, mrpc_clean, gsm8k_greedy, lr8k,
 # collect; each function's arguments are in its comment). Results: runs/studies/*/, copied by `collect` to
 # benchmarks/results/study_*/
 set -euo pipefail
@@ -87,6 +87,16 @@ gsm8k_greedy() {  # $1: problems (default 50): greedy GSM8K accuracy of seed 0 o
   $BALORA eval configs/studies/gsm8k-smollm2.yaml --task gsm8k --limit "${1:-50}" --max-new-tokens 256 --batch-size 16 \
     --output-dir runs/studies/gsm8k-base-eval
 }
+lr8k() {  # $1: the methods (default lora,pissa,balora): the learning-rate selection again at the 8,000-row budget
+  # (3e-4, 1e-3, 3e-3 on 500 held-out training rows, seed 0), then seed 0 at the chosen rate, reused from noise-8k (its
+  # runs are linked; a chosen rate that differs from the 4,000-row one stops with a config mismatch, and then the 8k
+  # studies would need rerunning at it)
+  local out=runs/studies/lr8k
+  mkdir -p "$out"
+  for m in lora pissa balora; do ln -sfn "../noise-8k/$m" "$out/$m"; done
+  $BALORA compare $CFG8K --methods "${1:-lora,pissa,balora}" --seeds 0, --label-noise 0 --learning-rates 3e-4,1e-3,3e-3 \
+    --dev-rows 500 --output-dir "$out"
+}
 lane8k_a() { noise8k 0 3; collapse8k 0,1; }
 lane8k_b() { noise8k 0.4 3; collapse8k 2,; svd8k svd_weight=0; svd8k preset=paper; }
 report8k() { noise8k 0,0.4 3; collapse8k 3; svd8k svd_weight=0; svd8k preset=paper; }
@@ -94,7 +104,7 @@ nlu() { noise; collapse; }
 nlg() { drift; drift_sweep; }
 collect() {  # copy each finished study's report into benchmarks/results/study_<name>/
   for name in noise collapse collapse-sweep drift drift-sweep noise-8k noise-8k-svd_weight noise-8k-preset collapse-8k \
-      collapse-8k-diversity_weight collapse-8k-consistency_weight collapse-mrpc mrpc-clean; do
+      collapse-8k-diversity_weight collapse-8k-consistency_weight collapse-mrpc mrpc-clean lr8k; do
     [ -f "runs/studies/$name/comparison.md" ] || { echo "runs/studies/$name: no report yet"; continue; }
     # the report again from the runs' stored figures, with this checkout's report code
     ${PYTHON:-.venv/bin/python} -c 'import json, sys; from pathlib import Path; from balora.compare import finish
