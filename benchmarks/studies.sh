@@ -6,7 +6,8 @@
 #         swept on seed 0
 # Every run is reused when finished (balora compare), so an interrupted study resumes where it stopped.
 # Usage: benchmarks/studies.sh FUNCTION [ARGS] (nlu, nlg, noise, collapse, drift, drift_sweep, lane8k_a, lane8k_b,
-# report8k, noise8k, collapse8k, svd8k, collapse8k_sweep, mrpc_collapse, mrpc_clean, gsm8k_greedy, lr8k,
+# report8k, noise8k, collapse8k, svd8k, collapse8k_sweep, mrpc_collapse, mrpc_clean, gsm8k_greedy, lr8k, noise8k_lr,
+# collapse8k_lr,
 # collect; each function's arguments are in its comment). Results: runs/studies/*/, copied by `collect` to
 # benchmarks/results/study_*/
 set -euo pipefail
@@ -97,6 +98,29 @@ lr8k() {  # $1: the methods (default lora,pissa,balora): the learning-rate selec
   $BALORA compare $CFG8K --methods "${1:-lora,pissa,balora}" --seeds 0, --label-noise 0 --learning-rates 3e-4,1e-3,3e-3 \
     --dev-rows 500 --output-dir "$out"
 }
+# The 8,000-row studies again at the rates chosen at 8,000 rows (lr8k; collected to $RATES8K). A method whose rate is
+# the same as at 4,000 rows is linked from the earlier study, so only the others train.
+RATES8K=${RATES8K:-benchmarks/results/study_lr8k/comparison.json}
+link_same_rate() {  # $1: the new study folder, $2: the earlier one (its name under runs/studies)
+  mkdir -p "$1"
+  for m in lora pissa balora; do
+    if ${PYTHON:-.venv/bin/python} -c 'import json, sys
+a, b = (json.load(open(f))["lr_selection"]["chosen"] for f in sys.argv[1:3])
+sys.exit(0 if a.get(sys.argv[3]) == b.get(sys.argv[3]) else 1)' "$RATES" "$RATES8K" "$m"; then
+      ln -sfn "../$2/$m" "$1/$m"
+    fi
+  done
+}
+noise8k_lr() {  # $1: the label-noise list (default 0,0.2,0.4), $2: the seeds (default 3), $3: the methods (default all)
+  link_same_rate runs/studies/noise-8k-lr8k noise-8k
+  $BALORA compare $CFG8K --methods "${3:-lora,pissa,balora}" --seeds "${2:-3}" --label-noise "${1:-0,0.2,0.4}" \
+    --rates-from $RATES8K --output-dir runs/studies/noise-8k-lr8k
+}
+collapse8k_lr() {  # $1: the seeds (default 3), $2: the minority shares (default 0.05,0.1), $3: the methods (default all)
+  link_same_rate runs/studies/collapse-8k-lr8k collapse-8k
+  $BALORA compare $CFG8K --methods "${3:-lora,pissa,balora}" --seeds "${1:-3}" --class-imbalance "${2:-0.05,0.1}" \
+    --rates-from $RATES8K --training.eval_strategy "'no'" --output-dir runs/studies/collapse-8k-lr8k
+}
 lane8k_a() { noise8k 0 3; collapse8k 0,1; }
 lane8k_b() { noise8k 0.4 3; collapse8k 2,; svd8k svd_weight=0; svd8k preset=paper; }
 report8k() { noise8k 0,0.4 3; collapse8k 3; svd8k svd_weight=0; svd8k preset=paper; }
@@ -104,7 +128,7 @@ nlu() { noise; collapse; }
 nlg() { drift; drift_sweep; }
 collect() {  # copy each finished study's report into benchmarks/results/study_<name>/
   for name in noise collapse collapse-sweep drift drift-sweep noise-8k noise-8k-svd_weight noise-8k-preset collapse-8k \
-      collapse-8k-diversity_weight collapse-8k-consistency_weight collapse-mrpc mrpc-clean lr8k; do
+      collapse-8k-diversity_weight collapse-8k-consistency_weight collapse-mrpc mrpc-clean lr8k noise-8k-lr8k collapse-8k-lr8k; do
     [ -f "runs/studies/$name/comparison.md" ] || { echo "runs/studies/$name: no report yet"; continue; }
     # the report again from the runs' stored figures, with this checkout's report code
     ${PYTHON:-.venv/bin/python} -c 'import json, sys; from pathlib import Path; from balora.compare import finish
