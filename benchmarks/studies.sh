@@ -89,12 +89,14 @@ gsm8k_greedy() {  # $1: problems (default 50): greedy GSM8K accuracy of seed 0 o
     --output-dir runs/studies/gsm8k-base-eval
 }
 lr8k() {  # $1: the methods (default lora,pissa,balora): the learning-rate selection again at the 8,000-row budget
-  # (3e-4, 1e-3, 3e-3 on 500 held-out training rows, seed 0), then seed 0 at the chosen rate, reused from noise-8k (its
-  # runs are linked; a chosen rate that differs from the 4,000-row one stops with a config mismatch, and then the 8k
-  # studies would need rerunning at it)
+  # (3e-4, 1e-3, 3e-3 on 500 held-out training rows, seed 0), then seed 0 at the chosen rate, trained in (or reused
+  # from) noise-8k-lr8k, the noise study at these rates (noise8k_lr)
   local out=runs/studies/lr8k
   mkdir -p "$out"
-  for m in lora pissa balora; do ln -sfn "../noise-8k/$m" "$out/$m"; done
+  for m in lora pissa balora; do
+    [ -e "runs/studies/noise-8k-lr8k/$m" ] || mkdir -p "runs/studies/noise-8k-lr8k/$m"
+    ln -sfn "../noise-8k-lr8k/$m" "$out/$m"
+  done
   $BALORA compare $CFG8K --methods "${1:-lora,pissa,balora}" --seeds 0, --label-noise 0 --learning-rates 3e-4,1e-3,3e-3 \
     --dev-rows 500 --output-dir "$out"
 }
@@ -107,7 +109,7 @@ link_same_rate() {  # $1: the new study folder, $2: the earlier one (its name un
     if ${PYTHON:-.venv/bin/python} -c 'import json, sys
 a, b = (json.load(open(f))["lr_selection"]["chosen"] for f in sys.argv[1:3])
 sys.exit(0 if a.get(sys.argv[3]) == b.get(sys.argv[3]) else 1)' "$RATES" "$RATES8K" "$m"; then
-      ln -sfn "../$2/$m" "$1/$m"
+      [ -e "$1/$m" ] || ln -s "../$2/$m" "$1/$m"  # a folder already there (trained at a new rate) stays
     fi
   done
 }
