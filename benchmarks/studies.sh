@@ -7,7 +7,7 @@
 # Every run is reused when finished (balora compare), so an interrupted study resumes where it stopped.
 # Usage: benchmarks/studies.sh FUNCTION [ARGS] (nlu, nlg, noise, collapse, drift, drift_sweep, lane8k_a, lane8k_b,
 # report8k, noise8k, collapse8k, svd8k, collapse8k_sweep, mrpc_collapse, mrpc_clean, gsm8k_greedy, lr8k, noise8k_lr,
-# collapse8k_lr,
+# collapse8k_lr, svd8k_lr,
 # collect; each function's arguments are in its comment). Results: runs/studies/*/, copied by `collect` to
 # benchmarks/results/study_*/
 set -euo pipefail
@@ -123,6 +123,14 @@ collapse8k_lr() {  # $1: the seeds (default 3), $2: the minority shares (default
   $BALORA compare $CFG8K --methods "${3:-lora,pissa,balora}" --seeds "${1:-3}" --class-imbalance "${2:-0.05,0.1}" \
     --rates-from $RATES8K --training.eval_strategy "'no'" --output-dir runs/studies/collapse-8k-lr8k
 }
+svd8k_lr() {  # svd8k at the 8,000-row rates: $1 svd_weight=0 or preset=paper (a one-value sweep at noise 0.4), $2: the
+  # seeds (default 3); lora, pissa and balora linked from noise-8k-lr8k
+  local out="runs/studies/noise-8k-lr8k-${1%%=*}"
+  mkdir -p "$out"
+  for m in lora pissa balora; do ln -sfn "../noise-8k-lr8k/$m" "$out/$m"; done
+  $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "${2:-3}" --label-noise 0.4 --sweep "balora.$1" \
+    --rates-from $RATES8K --output-dir "$out"
+}
 lane8k_a() { noise8k 0 3; collapse8k 0,1; }
 lane8k_b() { noise8k 0.4 3; collapse8k 2,; svd8k svd_weight=0; svd8k preset=paper; }
 report8k() { noise8k 0,0.4 3; collapse8k 3; svd8k svd_weight=0; svd8k preset=paper; }
@@ -130,7 +138,8 @@ nlu() { noise; collapse; }
 nlg() { drift; drift_sweep; }
 collect() {  # copy each finished study's report into benchmarks/results/study_<name>/
   for name in noise collapse collapse-sweep drift drift-sweep noise-8k noise-8k-svd_weight noise-8k-preset collapse-8k \
-      collapse-8k-diversity_weight collapse-8k-consistency_weight collapse-mrpc mrpc-clean lr8k noise-8k-lr8k collapse-8k-lr8k; do
+      collapse-8k-diversity_weight collapse-8k-consistency_weight collapse-mrpc mrpc-clean lr8k noise-8k-lr8k collapse-8k-lr8k \
+      noise-8k-lr8k-svd_weight; do
     [ -f "runs/studies/$name/comparison.md" ] || { echo "runs/studies/$name: no report yet"; continue; }
     # the report again from the runs' stored figures, with this checkout's report code
     ${PYTHON:-.venv/bin/python} -c 'import json, sys; from pathlib import Path; from balora.compare import finish
