@@ -7,7 +7,7 @@
 # Every run is reused when finished (balora compare), so an interrupted study resumes where it stopped.
 # Usage: benchmarks/studies.sh FUNCTION [ARGS] (nlu, nlg, noise, collapse, drift, drift_sweep, lane8k_a, lane8k_b,
 # report8k, noise8k, collapse8k, svd8k, collapse8k_sweep, mrpc_collapse, mrpc_clean, gsm8k_greedy, lr8k, noise8k_lr,
-# collapse8k_lr, svd8k_lr,
+# collapse8k_lr, svd8k_lr, collapse8k_lr_sweep,
 # collect; each function's arguments are in its comment). Results: runs/studies/*/, copied by `collect` to
 # benchmarks/results/study_*/
 set -euo pipefail
@@ -131,6 +131,14 @@ svd8k_lr() {  # svd8k at the 8,000-row rates: $1 svd_weight=0 or preset=paper (a
   $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "${2:-3}" --label-noise 0.4 --sweep "balora.$1" \
     --rates-from $RATES8K --output-dir "$out"
 }
+collapse8k_lr_sweep() {  # collapse8k_sweep at the 8,000-row rates: $1 KEY=v1,v2 of a balora.* key, $2: the seeds
+  # (default 3), $3: the minority share (default 0.05); lora, pissa and balora linked from collapse-8k-lr8k
+  local out="runs/studies/collapse-8k-lr8k-${1%%=*}"
+  mkdir -p "$out"
+  for m in lora pissa balora; do ln -sfn "../collapse-8k-lr8k/$m" "$out/$m"; done
+  $BALORA compare $CFG8K --methods lora,pissa,balora --seeds "${2:-3}" --class-imbalance "${3:-0.05}" --sweep "balora.$1" \
+    --rates-from $RATES8K --training.eval_strategy "'no'" --output-dir "$out"
+}
 lane8k_a() { noise8k 0 3; collapse8k 0,1; }
 lane8k_b() { noise8k 0.4 3; collapse8k 2,; svd8k svd_weight=0; svd8k preset=paper; }
 report8k() { noise8k 0,0.4 3; collapse8k 3; svd8k svd_weight=0; svd8k preset=paper; }
@@ -139,7 +147,7 @@ nlg() { drift; drift_sweep; }
 collect() {  # copy each finished study's report into benchmarks/results/study_<name>/
   for name in noise collapse collapse-sweep drift drift-sweep noise-8k noise-8k-svd_weight noise-8k-preset collapse-8k \
       collapse-8k-diversity_weight collapse-8k-consistency_weight collapse-mrpc mrpc-clean lr8k noise-8k-lr8k collapse-8k-lr8k \
-      noise-8k-lr8k-svd_weight; do
+      noise-8k-lr8k-svd_weight collapse-8k-lr8k-consistency_weight; do
     [ -f "runs/studies/$name/comparison.md" ] || { echo "runs/studies/$name: no report yet"; continue; }
     # the report again from the runs' stored figures, with this checkout's report code
     ${PYTHON:-.venv/bin/python} -c 'import json, sys; from pathlib import Path; from balora.compare import finish
