@@ -123,8 +123,8 @@ collapse8k_lr() {  # $1: the seeds (default 3), $2: the minority shares (default
   $BALORA compare $CFG8K --methods "${3:-lora,pissa,balora}" --seeds "${1:-3}" --class-imbalance "${2:-0.05,0.1}" \
     --rates-from $RATES8K --training.eval_strategy "'no'" --output-dir runs/studies/collapse-8k-lr8k
 }
-svd8k_lr() {  # svd8k at the 8,000-row rates: $1 svd_weight=0 or preset=paper (a one-value sweep at noise 0.4), $2: the
-  # seeds (default 3); lora, pissa and balora linked from noise-8k-lr8k
+svd8k_lr() {  # svd8k at the 8,000-row rates: $1 a balora.* KEY=V (svd_weight=0, consistency_weight=0, ...; a one-value
+  # sweep at noise 0.4), $2: the seeds (default 3); lora, pissa and balora linked from noise-8k-lr8k
   local out="runs/studies/noise-8k-lr8k-${1%%=*}"
   mkdir -p "$out"
   for m in lora pissa balora; do ln -sfn "../noise-8k-lr8k/$m" "$out/$m"; done
@@ -147,7 +147,7 @@ nlg() { drift; drift_sweep; }
 collect() {  # copy each finished study's report into benchmarks/results/study_<name>/
   for name in noise collapse collapse-sweep drift drift-sweep noise-8k noise-8k-svd_weight noise-8k-preset collapse-8k \
       collapse-8k-diversity_weight collapse-8k-consistency_weight collapse-mrpc mrpc-clean lr8k noise-8k-lr8k collapse-8k-lr8k \
-      noise-8k-lr8k-svd_weight collapse-8k-lr8k-consistency_weight; do
+      noise-8k-lr8k-svd_weight noise-8k-lr8k-consistency_weight collapse-8k-lr8k-consistency_weight; do
     [ -f "runs/studies/$name/comparison.md" ] || { echo "runs/studies/$name: no report yet"; continue; }
     # the report again from the runs' stored figures, with this checkout's report code
     ${PYTHON:-.venv/bin/python} -c 'import json, sys; from pathlib import Path; from balora.compare import finish
