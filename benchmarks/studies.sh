@@ -113,14 +113,14 @@ sys.exit(0 if a.get(sys.argv[3]) == b.get(sys.argv[3]) else 1)' "$RATES" "$RATES
     fi
   done
 }
-noise8k_lr() {  # $1: the label-noise list (default 0,0.2,0.4), $2: the seeds (default 3), $3: the methods (default all)
+noise8k_lr() {  # $1: the label-noise list (default 0,0.4: what ran), $2: the seeds (default 3), $3: the methods (default all)
   link_same_rate runs/studies/noise-8k-lr8k noise-8k
-  $BALORA compare $CFG8K --methods "${3:-lora,pissa,balora}" --seeds "${2:-3}" --label-noise "${1:-0,0.2,0.4}" \
+  $BALORA compare $CFG8K --methods "${3:-lora,pissa,balora}" --seeds "${2:-3}" --label-noise "${1:-0,0.4}" \
     --rates-from $RATES8K --output-dir runs/studies/noise-8k-lr8k
 }
-collapse8k_lr() {  # $1: the seeds (default 3), $2: the minority shares (default 0.05,0.1), $3: the methods (default all)
+collapse8k_lr() {  # $1: the seeds (default 3), $2: the minority shares (default 0.05: what ran), $3: the methods (default all)
   link_same_rate runs/studies/collapse-8k-lr8k collapse-8k
-  $BALORA compare $CFG8K --methods "${3:-lora,pissa,balora}" --seeds "${1:-3}" --class-imbalance "${2:-0.05,0.1}" \
+  $BALORA compare $CFG8K --methods "${3:-lora,pissa,balora}" --seeds "${1:-3}" --class-imbalance "${2:-0.05}" \
     --rates-from $RATES8K --training.eval_strategy "'no'" --output-dir runs/studies/collapse-8k-lr8k
 }
 svd8k_lr() {  # svd8k at the 8,000-row rates: $1 a balora.* KEY=V (svd_weight=0, consistency_weight=0, ...; a one-value
